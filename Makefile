@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Tests and the demo never touch the network: MNIST comes from ../shared/data.
+export KD_JAX_DATA_DIR ?= $(abspath ../shared/data)
+# The CPU build of torch is pinned: a bare `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-all venv clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.compare: $(VENV)/.installed
+	$(PIP) install -q '$(TORCH_SPEC)'
+	$(PIP) install -q --no-deps torchdistill
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m experiments.main --config=experiments/configs/digits_demo.py --workdir=$(or $(WORKDIR),/tmp/kd_jax_demo)
+
+test: $(VENV)/.compare
+	$(PY) -m pytest -q tests
+
+# Everything, the slow reproductions and multi-process runs included.
+test-all: $(VENV)/.compare
+	$(PY) -m pytest -q -m "" tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

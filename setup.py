@@ -1,0 +1,32 @@
+"""kd_jax: knowledge distillation in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="kd_jax",
+    version="0.1.0",
+    description="Knowledge distillation in JAX/Flax: losses, model zoo, sharded training, paper reproductions.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["kd_jax", "kd_jax.*", "experiments", "experiments.*", "third_party", "third_party.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "tensorflow-datasets>=4.9",
+        "chex>=0.1.87",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "tqdm>=4.60",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.7"],
+        # Reference implementations for parity tests and benchmarks. torchdistill's
+        # own requirements (torchvision, ...) are not needed by the adapters:
+        # `make test` installs it with --no-deps.
+        "compare": ["torch", "torchdistill"],
+    },
+)
