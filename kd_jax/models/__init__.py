@@ -28,19 +28,19 @@ __all__ = ["register", "create", "names", "input_shape", "select_features", "Mod
 class ModelSpec:
   name: str
   constructor: Callable[..., nn.Module]
-  input_shape: tuple[int, ...]  # one example, e.g. (32, 32, 3)
+  input_shape: tuple[int, ...] | None  # one example, e.g. (32, 32, 3); None: any shape
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, *, input_shape: Sequence[int]):
+def register(name: str, *, input_shape: Sequence[int] | None):
   """Decorator: registers `constructor(num_classes=..., **kwargs) -> nn.Module`."""
 
   def wrap(constructor):
     if name in _REGISTRY:
       raise ValueError(f"model {name!r} is registered twice")
-    _REGISTRY[name] = ModelSpec(name, constructor, tuple(input_shape))
+    _REGISTRY[name] = ModelSpec(name, constructor, None if input_shape is None else tuple(input_shape))
     return constructor
 
   return wrap
@@ -69,8 +69,8 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def input_shape(name: str) -> tuple[int, ...]:
-  """The shape of one input example the model is built for (no batch axis)."""
+def input_shape(name: str) -> tuple[int, ...] | None:
+  """The shape of one input example the model is built for (no batch axis); None if any."""
   return spec(name).input_shape
 
 

@@ -37,18 +37,18 @@ class MLP(nn.Module):
     return (logits, features) if return_features else logits
 
 
-@register("mlp", input_shape=(28, 28, 1))
+@register("mlp", input_shape=None)
 def mlp(*, num_classes: int, widths: Sequence[int] = (800, 800), dropout: float = 0.0, input_dropout: float = 0.0):
   return MLP(num_classes=num_classes, widths=tuple(widths), dropout=dropout, input_dropout=input_dropout)
 
 
-@register("mlp_1200", input_shape=(28, 28, 1))
+@register("mlp_1200", input_shape=None)
 def mlp_1200(*, num_classes: int, dropout: float = 0.5, input_dropout: float = 0.2):
   """Hinton et al. 2015's teacher: 784-1200-1200-10, dropout 50% hidden / 20% input."""
   return MLP(num_classes=num_classes, widths=(1200, 1200), dropout=dropout, input_dropout=input_dropout)
 
 
-@register("mlp_800", input_shape=(28, 28, 1))
+@register("mlp_800", input_shape=None)
 def mlp_800(*, num_classes: int, dropout: float = 0.0, input_dropout: float = 0.0):
   """Hinton et al. 2015's student: 784-800-800-10, no regularisation."""
   return MLP(num_classes=num_classes, widths=(800, 800), dropout=dropout, input_dropout=input_dropout)
