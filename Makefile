@@ -24,7 +24,7 @@ $(VENV)/.compare: $(VENV)/.installed
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments.main --config=experiments/configs/digits_demo.py --workdir=$(or $(WORKDIR),/tmp/kd_jax_demo)
+	$(PY) -m experiments.reproduce --config=experiments/configs/digits_demo.py --seeds=3 --workdir=$(or $(WORKDIR),/tmp/kd_jax_demo)
 
 test: $(VENV)/.compare
 	$(PY) -m pytest -q tests

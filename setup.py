@@ -21,9 +21,10 @@ setuptools.setup(
         "tqdm>=4.60",
         "numpy>=1.26",
         "scikit-learn>=1.3",
+        "matplotlib>=3.7",  # experiments/reproduce.py plots
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-xdist>=3"],
         # Reference implementations for parity tests and benchmarks. torchdistill's
         # own requirements (torchvision, ...) are not needed by the adapters:
         # `make test` installs it with --no-deps.

@@ -1,0 +1,134 @@
+"""Datasets as deterministic functions of (seed, step).
+
+A `Dataset` holds its examples in host memory as uint8 images [N, H, W, C] and
+int32 labels [N]; normalisation and augmentation run on device inside the jitted
+step (`kd_jax.data.augment`). The batch of step `s` is a pure function of
+(seed, s): a per-epoch permutation drawn from (seed, epoch). A resumed run, or a
+run on another number of devices or hosts, therefore sees identical batches.
+
+Sources:
+  mnist   raw IDX files from `$KD_JAX_DATA_DIR/mnist/` (or `data_dir`), else TFDS
+  digits  scikit-learn's bundled 8x8 digits, fixed stratified 80/20 split
+  cifar10, cifar100  TFDS
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["Dataset", "load", "names", "batch_indices", "steps_per_epoch", "data_dir"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """An in-memory dataset with its on-device normalisation constants."""
+
+  name: str
+  train_images: np.ndarray  # uint8 [N, H, W, C]
+  train_labels: np.ndarray  # int32 [N]
+  test_images: np.ndarray  # uint8 [M, H, W, C]
+  test_labels: np.ndarray  # int32 [M]
+  num_classes: int
+  # pixel value (uint8) -> float: (x * scale - mean) / std, per channel.
+  scale: float = 1.0 / 255.0
+  mean: tuple[float, ...] = (0.0,)
+  std: tuple[float, ...] = (1.0,)
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.train_images.shape[1:])
+
+  @property
+  def num_train(self) -> int:
+    return int(self.train_images.shape[0])
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+      if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"{self.name}: {split} images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+      if labels.shape != images.shape[:1]:
+        raise ValueError(f"{self.name}: {split} labels {labels.shape} do not match images {images.shape}")
+      if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+        raise ValueError(f"{self.name}: {split} labels outside [0, {self.num_classes})")
+
+
+def data_dir(override: str | None = None) -> str | None:
+  """The local data directory: `override`, else `$KD_JAX_DATA_DIR`, else None (TFDS)."""
+  return override or os.environ.get("KD_JAX_DATA_DIR") or None
+
+
+def _load_mnist(directory):
+  from kd_jax.data import mnist
+
+  if directory is not None:
+    return mnist.load_idx(os.path.join(directory, "mnist"))
+  from kd_jax.data import tfds_source
+
+  return tfds_source.load("mnist", num_classes=10, scale=1.0 / 255.0, mean=(0.0,), std=(1.0,))
+
+
+def _load_digits(directory):
+  del directory  # shipped with scikit-learn
+  from sklearn import datasets as sk_datasets
+  from sklearn import model_selection
+
+  digits = sk_datasets.load_digits()
+  images = digits.images.astype(np.uint8)[..., None]  # values 0..16
+  labels = digits.target.astype(np.int32)
+  train_x, test_x, train_y, test_y = model_selection.train_test_split(
+      images, labels, test_size=0.2, random_state=0, stratify=labels)
+  return Dataset("digits", train_x, train_y, test_x, test_y, num_classes=10, scale=1.0 / 16.0)
+
+
+def _load_cifar(name, num_classes):
+  def load(directory):
+    del directory  # TFDS manages its own directory (TFDS_DATA_DIR)
+    from kd_jax.data import tfds_source
+
+    return tfds_source.load(
+        name, num_classes=num_classes, scale=1.0 / 255.0,
+        mean=(0.5071, 0.4865, 0.4409) if num_classes == 100 else (0.4914, 0.4822, 0.4465),
+        std=(0.2673, 0.2564, 0.2762) if num_classes == 100 else (0.2470, 0.2435, 0.2616))
+
+  return load
+
+
+_SOURCES: dict[str, Callable[[str | None], Dataset]] = {
+    "mnist": _load_mnist,
+    "digits": _load_digits,
+    "cifar10": _load_cifar("cifar10", 10),
+    "cifar100": _load_cifar("cifar100", 100),
+}
+
+
+def names() -> list[str]:
+  return sorted(_SOURCES)
+
+
+def load(name: str, *, directory: str | None = None) -> Dataset:
+  """Loads dataset `name`; `directory` (or $KD_JAX_DATA_DIR) selects local files."""
+  if name not in _SOURCES:
+    close = difflib.get_close_matches(name, list(_SOURCES), n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(names())}")
+  return _SOURCES[name](data_dir(directory))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the remainder of each epoch's permutation is dropped)."""
+  if batch_size > num_examples:
+    raise ValueError(f"batch size {batch_size} is larger than the {num_examples} training examples")
+  return num_examples // batch_size
+
+
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
+  """Indices of the global batch of `step`: int64 [batch_size], a pure function of (seed, step)."""
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  epoch, position = divmod(int(step), per_epoch)
+  order = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
+  return order[position * batch_size:(position + 1) * batch_size]

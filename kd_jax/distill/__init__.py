@@ -1,0 +1,148 @@
+"""Distillation methods as weighted sums of terms, run by one trainer.
+
+A method is a config mapping term names to their weight and hyper-parameters::
+
+    terms = {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}
+
+Each term is a small object: `init` creates its trainable connector params and
+its state (e.g. a memory bank) from example outputs, and `__call__` maps
+(student outputs, teacher outputs, batch, params, state) to a per-example [B]
+or scalar loss and the new state. The `Objective` sums the weighted means, so a
+method combined with KD (the CRD table's "+KD" column) is just one more entry.
+New terms register with `@register_term("name")`.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from kd_jax import losses
+
+__all__ = ["Outputs", "Term", "Objective", "register_term", "term_names"]
+
+
+@flax.struct.dataclass
+class Outputs:
+  """What a model produced on a batch: logits [B, K] and named features."""
+
+  logits: jax.Array
+  features: Mapping[str, jax.Array] = flax.struct.field(default_factory=dict)
+
+
+class Term:
+  """One part of an objective. Subclasses set `needs_teacher` and define `__call__`."""
+
+  needs_teacher: bool = False
+
+  def init(self, rng: jax.Array, student: Outputs, teacher: Outputs | None) -> tuple[Any, Any]:
+    """Returns (trainable connector params, state); both empty by default."""
+    del rng, student, teacher
+    return {}, {}
+
+  def __call__(self, student: Outputs, teacher: Outputs | None, batch: Mapping[str, jax.Array],
+               params: Any, state: Any, *, step: jax.Array) -> tuple[jax.Array, Any]:
+    raise NotImplementedError
+
+
+_TERMS: dict[str, Callable[..., Term]] = {}
+
+
+def register_term(name: str):
+  def wrap(cls):
+    if name in _TERMS:
+      raise ValueError(f"term {name!r} is registered twice")
+    _TERMS[name] = cls
+    return cls
+
+  return wrap
+
+
+def term_names() -> list[str]:
+  return sorted(_TERMS)
+
+
+def _make_term(name: str, kwargs: Mapping[str, Any]) -> Term:
+  if name not in _TERMS:
+    close = difflib.get_close_matches(name, list(_TERMS), n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"unknown loss term {name!r}.{hint} Known terms: {', '.join(term_names())}")
+  cls = _TERMS[name]
+  accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(f"loss term {name!r} got unknown option(s) {unknown}; it accepts {accepted}")
+  return cls(**kwargs)
+
+
+class Objective:
+  """The weighted sum of a method's terms: loss = Σ weight · mean(term)."""
+
+  def __init__(self, terms: Mapping[str, Mapping[str, Any]]):
+    if not terms:
+      raise ValueError("a method needs at least one loss term, e.g. {'ce': {'weight': 1.0}}")
+    self.weights: dict[str, float] = {}
+    self.terms: dict[str, Term] = {}
+    for name, options in terms.items():
+      options = dict(options)
+      weight = options.pop("weight", 1.0)
+      if not isinstance(weight, (int, float)):
+        raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
+      self.weights[name] = float(weight)
+      self.terms[name] = _make_term(name, options)
+
+  @property
+  def needs_teacher(self) -> bool:
+    return any(t.needs_teacher for t in self.terms.values())
+
+  def init(self, rng, student: Outputs, teacher: Outputs | None):
+    params, state = {}, {}
+    for i, (name, term) in enumerate(self.terms.items()):
+      p, s = term.init(jax.random.fold_in(rng, i), student, teacher)
+      if p:
+        params[name] = p
+      if s:
+        state[name] = s
+    return params, state
+
+  def __call__(self, params, state, student: Outputs, teacher: Outputs | None, batch, *, step):
+    total = jnp.zeros((), jnp.float32)
+    metrics, new_state = {}, {}
+    for name, term in self.terms.items():
+      value, term_state = term(student, teacher, batch, params.get(name, {}), state.get(name, {}), step=step)
+      value = jnp.mean(value.astype(jnp.float32))
+      metrics[f"loss/{name}"] = value
+      total = total + self.weights[name] * value
+      if term_state:
+        new_state[name] = term_state
+    metrics["loss"] = total
+    return total, metrics, new_state
+
+
+def _teacher_logits(teacher: Outputs | None) -> jax.Array:
+  return jax.lax.stop_gradient(teacher.logits)
+
+
+@register_term("ce")
+class CrossEntropy(Term):
+  """Cross-entropy with the true labels."""
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.cross_entropy(student.logits, batch["label"]), state
+
+
+@register_term("kd")
+class KD(Term):
+  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T."""
+
+  needs_teacher = True
+
+  def __init__(self, temperature: float = 4.0):
+    self.temperature = temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.kd_loss(student.logits, _teacher_logits(teacher), temperature=self.temperature), state

@@ -1,0 +1,149 @@
+"""The run config: defaults, row builder, validation, and the resume fingerprint.
+
+A config is one table: shared settings (seed, epochs, data, mesh, logging) and
+`rows`, each a named training run (model, loss terms, teacher, optimizer,
+schedule). A row's `teacher` names another row (trained first, in the same
+workdir) or the directory of a trained model (`<workdir>/<row>/final`).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from typing import Any, Mapping
+
+import ml_collections
+
+log = logging.getLogger(__name__)
+
+# Keys whose change would silently corrupt a resumed run; the rest (logging,
+# checkpoint frequency, progress bar) may change freely between restarts.
+_RUN_KEYS = ("seed", "epochs", "data.name", "data.batch_size")
+_ROW_KEYS = ("model", "model_kwargs", "terms", "teacher", "optimizer", "schedule", "augment", "max_norm")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Settings every table shares; a config file adds `rows` and overrides the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.epochs = 1
+  c.data = ml_collections.ConfigDict({"name": "digits", "dir": "", "batch_size": 64, "eval_batch_size": 200})
+  c.mesh = ml_collections.ConfigDict({"replica": 1, "data": -1})
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.progress = True
+  c.skip_nonfinite = False
+  c.allow_config_change = False
+  # What the rows' `paper` figures measure, for experiments/reproduce.py:
+  # "test_accuracy" (percent) or "test_errors" (a count).
+  c.paper_metric = "test_accuracy"
+  c.rows = ml_collections.ConfigDict(sort_keys=False)  # table order as written
+  return c
+
+
+def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = "",
+        model_kwargs: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | None = None, augment: str = "none", max_norm: float = 0.0,
+        paper: float | str = "") -> ml_collections.ConfigDict:
+  """One row of a table. `paper` is the paper's figure for the report (e.g. test errors)."""
+  opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
+  opt.update(optimizer or {})
+  sched = {"name": "constant", "boundaries": [], "factor": 0.1, "warmup_epochs": 0.0}
+  sched.update(schedule or {})
+  return ml_collections.ConfigDict({
+      "model": model, "model_kwargs": dict(model_kwargs or {}), "teacher": teacher,
+      "terms": {k: dict(v) for k, v in terms.items()}, "optimizer": opt, "schedule": sched,
+      "augment": augment, "max_norm": float(max_norm), "paper": paper,
+  })
+
+
+def _suggest(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=2)
+  return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
+def _check_keys(cfg: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
+  for key in cfg:
+    if key not in known:
+      raise ValueError(f"unknown config key {where}{key!r}{_suggest(key, known)}; known: {sorted(known)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks a config before anything is built; returns it unchanged."""
+  base = base_config()
+  _check_keys(config, base, "")
+  _check_keys(config.data, base.data, "data.")
+  _check_keys(config.mesh, base.mesh, "mesh.")
+  if not isinstance(config.epochs, int) or config.epochs < 1:
+    raise ValueError(f"epochs must be a positive int, got {config.epochs!r}")
+  for key in ("batch_size", "eval_batch_size"):
+    if config.data[key] < 1:
+      raise ValueError(f"data.{key} must be positive, got {config.data[key]}")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[key] < 1:
+      raise ValueError(f"{key} must be positive, got {config[key]}")
+  if not config.rows:
+    raise ValueError("the config has no rows: add at least one to config.rows")
+  example = row(model="mlp", terms={"ce": {}})
+  from kd_jax import data, models  # local: keeps config importable on its own
+
+  if config.data.name not in data.names():
+    raise ValueError(f"unknown dataset {config.data.name!r}{_suggest(config.data.name, data.names())}; "
+                     f"known: {data.names()}")
+  for name, r in config.rows.items():
+    _check_keys(r, example, f"rows.{name}.")
+    _check_keys(r.optimizer, example.optimizer, f"rows.{name}.optimizer.")
+    _check_keys(r.schedule, example.schedule, f"rows.{name}.schedule.")
+    models.spec(r.model)  # unknown model: error listing the known ones
+    if r.teacher == name:
+      raise ValueError(f"row {name!r} names itself as its teacher")
+  row_order(config)
+  return config
+
+
+def row_order(config: ml_collections.ConfigDict) -> list[str]:
+  """Rows in an order where each teacher row comes before its students."""
+  order: list[str] = []
+  visiting: set[str] = set()
+
+  def visit(name: str, chain: tuple[str, ...]):
+    if name in order:
+      return
+    if name in visiting:
+      raise ValueError(f"teacher cycle among rows: {' -> '.join(chain + (name,))}")
+    visiting.add(name)
+    teacher = config.rows[name].teacher
+    if teacher in config.rows:
+      visit(teacher, chain + (name,))
+    order.append(name)
+
+  for name in config.rows:
+    visit(name, ())
+  return order
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+  for part in dotted.split("."):
+    cfg = cfg[part]
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+
+
+def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, Any]:
+  """The settings a resumed run of `row_name` must share with the run that saved it."""
+  out = {key: _get(config, key) for key in _RUN_KEYS}
+  out.update({f"rows.{row_name}.{key}": _get(config.rows[row_name], key) for key in _ROW_KEYS})
+  return json.loads(json.dumps(out))  # as it reads back from the checkpoint
+
+
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow: bool, row: str) -> None:
+  differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if not differing:
+    return
+  detail = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+  if allow:
+    log.warning("row %s: resuming with a changed config (%s)", row, detail)
+    return
+  raise ValueError(
+      f"row {row!r}: the checkpoint was made with a different config ({detail}). Resuming would mix two "
+      "runs; use a new workdir, or set --config.allow_config_change=True if the change is safe.")

@@ -1,0 +1,316 @@
+"""`run(config, workdir)`: trains every row of a table config, in dependency order.
+
+Each row lives in `workdir/<row>/`: `checkpoints/` (resumable train state),
+`metrics.jsonl` (training metrics every `log_every_steps`, test metrics every
+epoch), `final/` (the trained model, which later rows load as a teacher) and
+`result.json`. `workdir/results.json` maps each row to its result. Running the
+same command again resumes an interrupted row and skips finished ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from kd_jax import data as data_lib
+from kd_jax import models
+from kd_jax.data import augment as augment_lib
+from kd_jax.distill import Objective
+from kd_jax.train import checkpoint as checkpoint_lib
+from kd_jax.train import config as config_lib
+from kd_jax.train import engine
+from kd_jax.train import mesh as mesh_lib
+from kd_jax.train import optim
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(SystemExit):
+  """Raised after SIGTERM, once the state at the current step is checkpointed."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """Turns SIGTERM (a TPU preemption notice) into a flag checked at each step boundary."""
+  received = {"flag": False}
+
+  def handler(signum, frame):
+    del signum, frame
+    received["flag"] = True
+
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread: no handler, no flag
+    previous = None
+  try:
+    yield received
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _write_json(path: str, value: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class _MetricsLog:
+  """Appends JSON lines to metrics.jsonl; on resume, drops lines past the restored step."""
+
+  def __init__(self, path: str, *, resume_step: int):
+    self.path = path
+    self.enabled = jax.process_index() == 0
+    if self.enabled and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(path, "w") as f:
+        f.writelines(kept)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _padded_split(images: np.ndarray, labels: np.ndarray, batch_size: int):
+  """Yields fixed-size eval batches; the last is zero-padded and masked."""
+  n = images.shape[0]
+  for start in range(0, n, batch_size):
+    stop = min(start + batch_size, n)
+    pad = batch_size - (stop - start)
+    mask = np.concatenate([np.ones(stop - start, np.float32), np.zeros(pad, np.float32)])
+    yield {
+        "image": np.concatenate([images[start:stop], np.zeros((pad,) + images.shape[1:], images.dtype)]),
+        "label": np.concatenate([labels[start:stop], np.zeros(pad, labels.dtype)]),
+        "mask": mask,
+    }
+
+
+def evaluate(eval_step, variables, dataset: data_lib.Dataset, batch_size: int, mesh) -> dict[str, float]:
+  """Test-set accuracy, error count and mean cross-entropy."""
+  sharding = mesh_lib.batch_sharding(mesh)
+  totals = None
+  for batch in _padded_split(dataset.test_images, dataset.test_labels, batch_size):
+    sums = eval_step(variables, mesh_lib.put_batch(batch, sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = int(totals["count"])
+  correct = int(round(float(totals["correct"])))
+  return {"test_accuracy": correct / count, "test_errors": count - correct, "test_loss": float(totals["loss"]) / count}
+
+
+def _normalizer(dataset: data_lib.Dataset):
+  return lambda x: augment_lib.normalize(x, scale=dataset.scale, mean=dataset.mean, std=dataset.std)
+
+
+def _model_description(row, dataset) -> dict[str, Any]:
+  return {"model": row.model, "model_kwargs": dict(row.model_kwargs), "num_classes": dataset.num_classes,
+          "input_shape": list(dataset.input_shape), "dataset": dataset.name}
+
+
+def load_teacher(directory: str, dataset: data_lib.Dataset, *, row_name: str):
+  """A trained model from `directory` as (module, variables), checked against the data."""
+  variables, description = checkpoint_lib.load_model(directory)
+  if description["num_classes"] != dataset.num_classes:
+    raise ValueError(
+        f"row {row_name!r}: the teacher in {directory} has {description['num_classes']} classes, "
+        f"but dataset {dataset.name!r} has {dataset.num_classes}")
+  if tuple(description["input_shape"]) != dataset.input_shape:
+    raise ValueError(
+        f"row {row_name!r}: the teacher in {directory} was trained on inputs of shape "
+        f"{tuple(description['input_shape'])}, but dataset {dataset.name!r} has {dataset.input_shape}")
+  module = models.create(description["model"], num_classes=description["num_classes"], **description["model_kwargs"])
+  return module, variables
+
+
+def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, mesh, workdir: str,
+              *, teacher_dir: str | None = None) -> dict[str, Any]:
+  """Trains row `name` (resuming if interrupted); returns its result dict."""
+  row = config.rows[name]
+  row_dir = os.path.join(workdir, name)
+  os.makedirs(row_dir, exist_ok=True)
+  result_path = os.path.join(row_dir, "result.json")
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+
+  batch_size = config.data.batch_size
+  mesh_lib.check_batch_size(batch_size, mesh, what="data.batch_size")
+  mesh_lib.check_batch_size(config.data.eval_batch_size, mesh, what="data.eval_batch_size")
+  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, batch_size)
+  total_steps = config.epochs * steps_per_epoch
+  normalize = _normalizer(dataset)
+
+  objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms)
+  teacher, teacher_variables = None, {}
+  if objective.needs_teacher:
+    if not teacher_dir:
+      raise ValueError(f"row {name!r} uses a teacher (terms {list(row.terms)}) but rows.{name}.teacher is empty")
+    teacher, teacher_variables = load_teacher(teacher_dir, dataset, row_name=name)
+  student = models.create(row.model, num_classes=dataset.num_classes, **row.model_kwargs)
+  expected_shape = models.input_shape(row.model)
+  if expected_shape is not None and expected_shape != dataset.input_shape:
+    raise ValueError(f"row {name!r}: model {row.model!r} takes inputs {expected_shape}, "
+                     f"but dataset {dataset.name!r} has {dataset.input_shape}")
+
+  schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
+                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  spec = engine.StepSpec(
+      student=student, objective=objective, optimizer=optim.make_optimizer(row.optimizer, schedule),
+      schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
+      skip_nonfinite=config.skip_nonfinite)
+
+  replicated = mesh_lib.replicated(mesh)
+  teacher_variables = jax.device_put(teacher_variables, replicated)
+  example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, jnp.uint8)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+
+  fingerprint = config_lib.fingerprint(config, name)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(row_dir, "checkpoints"), keep=config.keep_checkpoints)
+  restored = checkpointer.restore_latest(abstract_state)
+  if restored is None:
+    state = jax.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
+        spec, rng, teacher_variables, example)
+    history, elapsed = [], 0.0
+  else:
+    state, meta = restored
+    config_lib.check_resume(meta.get("fingerprint", {}), fingerprint, allow=config.allow_config_change, row=name)
+    history, elapsed = list(meta.get("history", [])), float(meta.get("elapsed", 0.0))
+  start_step = int(jax.device_get(state.step))
+  if start_step:
+    log.info("row %s: resuming at step %d of %d", name, start_step, total_steps)
+
+  train_step = engine.make_train_step(spec, mesh, state_sharding)
+  eval_step = engine.make_eval_step(student, normalize, mesh)
+  metrics_log = _MetricsLog(os.path.join(row_dir, "metrics.jsonl"), resume_step=start_step)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+
+  def student_variables(state):
+    return engine._variables(state.params["student"], state.batch_stats["student"])
+
+  def save(state, step):
+    checkpointer.save(step, state, {"fingerprint": fingerprint, "history": history,
+                                    "elapsed": elapsed + time.time() - t0})
+
+  def drain(pending, bar):
+    """Host-side handling of metrics the device has (almost surely) finished computing."""
+    for step, device_metrics in pending:
+      values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if not values.pop("finite", 1.0):
+        bad = sorted(k for k, v in values.items() if not np.isfinite(v))
+        raise NonFiniteLoss(f"row {name!r}: non-finite values at step {step}: {bad}")
+      metrics_log.write({"step": step, "split": "train", **values})
+      bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
+    pending.clear()
+
+  def check_finite(state):
+    bad_step = int(jax.device_get(state.nonfinite_step))
+    if bad_step >= 0 and not config.skip_nonfinite:
+      raise NonFiniteLoss(f"row {name!r}: loss or gradients became non-finite at step {bad_step}; "
+                          "the last checkpoint holds the state before it")
+    return bad_step
+
+  t0 = time.time()
+  pending: list = []
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True, leave=False,
+                  disable=not config.progress or jax.process_index() != 0,
+                  mininterval=0.1 if sys.stderr.isatty() else 10.0)
+  with _sigterm_flag() as sigterm, bar:
+    for step in range(start_step, total_steps):
+      batch = _train_batch(dataset, batch_size, seed=config.seed, step=step)
+      state, metrics = train_step(state, teacher_variables, mesh_lib.put_batch(batch, batch_sharding))
+      done = step + 1
+      bar.update(1)
+      if done % config.log_every_steps == 0:
+        drain(pending, bar)  # the previous interval's metrics: no wait on this step
+        pending.append((done, metrics))
+      if done % steps_per_epoch == 0:
+        drain(pending, bar)
+        check_finite(state)
+        epoch = done // steps_per_epoch
+        test = evaluate(eval_step, student_variables(state), dataset, config.data.eval_batch_size, mesh)
+        history.append({"epoch": epoch, "step": done, **test})
+        metrics_log.write({"step": done, "split": "test", "epoch": epoch, **test})
+      if sigterm["flag"]:
+        check_finite(state)
+        save(state, done)
+        checkpointer.close()
+        log.warning("row %s: SIGTERM received; checkpointed step %d, exiting", name, done)
+        raise Preempted(done)
+      if done % config.checkpoint_every_steps == 0 and done < total_steps:
+        check_finite(state)
+        save(state, done)
+    drain(pending, bar)
+
+  if check_finite(state) >= 0:
+    log.warning("row %s: some steps had non-finite loss and were skipped (first: %d)", name,
+                int(jax.device_get(state.nonfinite_step)))
+  if total_steps not in checkpointer.steps():
+    save(state, total_steps)
+  checkpointer.close()
+  final = history[-1] if history and history[-1]["step"] == total_steps else {
+      **evaluate(eval_step, student_variables(state), dataset, config.data.eval_batch_size, mesh)}
+  checkpoint_lib.save_model(os.path.join(row_dir, "final"), jax.device_get(student_variables(state)),
+                            _model_description(row, dataset))
+  result = {
+      "test_accuracy": final["test_accuracy"], "test_errors": final["test_errors"], "test_loss": final["test_loss"],
+      "best_test_accuracy": max([h["test_accuracy"] for h in history] + [final["test_accuracy"]]),
+      "epochs": config.epochs, "steps": total_steps, "model": row.model,
+      "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params["student"]))),
+      "wall_time_s": round(elapsed + time.time() - t0, 2), "history": history,
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  }
+  _write_json(result_path, result)
+  return result
+
+
+def _train_batch(dataset: data_lib.Dataset, batch_size: int, *, seed: int, step: int) -> dict[str, np.ndarray]:
+  indices = data_lib.batch_indices(dataset.num_train, batch_size, seed=seed, step=step)
+  return {"image": dataset.train_images[indices], "label": dataset.train_labels[indices],
+          "index": indices.astype(np.int32)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
+  """Trains every row of `config` under `workdir`; returns {row: result}."""
+  config = config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  dataset = data_lib.load(config.data.name, directory=config.data.dir or None)
+  mesh = mesh_lib.make_mesh(replica=config.mesh.replica, data=config.mesh.data)
+  results = {}
+  for name in config_lib.row_order(config):
+    teacher = config.rows[name].teacher
+    teacher_dir = None
+    if teacher:
+      teacher_dir = os.path.join(workdir, teacher, "final") if teacher in config.rows else teacher
+    results[name] = train_row(name, config, dataset, mesh, workdir, teacher_dir=teacher_dir)
+    summary = {k: v for k, v in results[name].items() if k != "history"}
+    log.info("row %s: %s", name, summary)
+  _write_json(os.path.join(workdir, "results.json"), results)
+  return results
