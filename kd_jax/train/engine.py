@@ -105,7 +105,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
   params = optax.apply_updates(state.params, updates)
   if spec.max_norm:
     params = {**params, "student": optim.max_norm(params["student"], spec.max_norm)}
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats={"student": batch_stats}, opt_state=opt_state,

@@ -1,0 +1,179 @@
+"""The training engine end to end on digits: runs, device-count invariance, resume, errors."""
+import contextlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax import models, train
+from kd_jax.train import checkpoint, loop
+from experiments.configs import select_rows
+
+
+def tiny_config(epochs=2, **data):
+  c = train.base_config()
+  c.epochs = epochs
+  c.data.name = "digits"
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 360
+  c.data.update(data)
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 10
+  c.progress = False
+  adam = {"name": "adam", "learning_rate": 1e-2}
+  c.rows.teacher = train.row(model="mlp", model_kwargs={"widths": [64], "dropout": 0.1}, terms={"ce": {}},
+                             optimizer=adam)
+  c.rows.student_kd = train.row(model="mlp", model_kwargs={"widths": [16]}, teacher="teacher", optimizer=adam,
+                                terms={"ce": {"weight": 0.5}, "kd": {"weight": 0.5, "temperature": 4.0}})
+  return c
+
+
+def read_metrics(workdir, row, split="train"):
+  with open(os.path.join(workdir, row, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def final_variables(workdir, row):
+  return checkpoint.load_model(os.path.join(workdir, row, "final"))[0]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """The uninterrupted run on all 8 devices, shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  return workdir, train.run(tiny_config(), workdir)
+
+
+def test_run_trains_teacher_and_distils_a_student_that_learns(reference_run):
+  workdir, results = reference_run
+  assert list(results) == ["teacher", "student_kd"]
+  for row in results.values():
+    assert row["test_accuracy"] > 0.8  # 44 steps of digits; chance is 0.1
+    assert row["test_errors"] == round((1 - row["test_accuracy"]) * 360)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["student_kd"]["test_accuracy"] == results["student_kd"]["test_accuracy"]
+  train_metrics = read_metrics(workdir, "student_kd")
+  assert {"loss", "loss/ce", "loss/kd", "accuracy", "grad_norm", "learning_rate"} <= set(train_metrics[0])
+  assert train_metrics[-1]["loss"] < train_metrics[0]["loss"]
+  assert [m["epoch"] for m in read_metrics(workdir, "student_kd", "test")] == [1, 2]
+
+
+def test_finished_rows_are_not_trained_again(reference_run):
+  workdir, results = reference_run
+  before = os.path.getmtime(os.path.join(workdir, "teacher", "result.json"))
+  again = train.run(tiny_config(), workdir)
+  assert again["student_kd"]["test_accuracy"] == results["student_kd"]["test_accuracy"]
+  assert os.path.getmtime(os.path.join(workdir, "teacher", "result.json")) == before
+
+
+def test_one_device_gives_the_same_numbers_as_eight(reference_run, tmp_path):
+  workdir, _ = reference_run
+  config = tiny_config()
+  config.mesh.data = 1
+  train.run(config, str(tmp_path))
+  for row in ("teacher", "student_kd"):
+    eight, one = read_metrics(workdir, row), read_metrics(str(tmp_path), row)
+    assert [m["step"] for m in one] == [m["step"] for m in eight]
+    np.testing.assert_allclose([m["loss"] for m in one], [m["loss"] for m in eight], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               final_variables(str(tmp_path), "student_kd"), final_variables(workdir, "student_kd"))
+
+
+@contextlib.contextmanager
+def _stop_at(step_count):
+  """Stands in for SIGTERM arriving after `step_count` steps of the first row that runs."""
+  calls = {"n": 0}
+
+  class Flag(dict):
+    def __getitem__(self, key):
+      calls["n"] += 1
+      return calls["n"] == step_count
+
+  yield Flag()
+
+
+def test_interrupted_run_resumes_to_the_same_params(reference_run, tmp_path, monkeypatch):
+  workdir, _ = reference_run
+  resumed_dir = str(tmp_path)
+  config = tiny_config()
+  select_rows(config, "teacher")
+  monkeypatch.setattr(loop, "_sigterm_flag", lambda: _stop_at(17))
+  with pytest.raises(loop.Preempted) as preempted:
+    train.run(config, resumed_dir)
+  assert preempted.value.step == 17 and preempted.value.code == 143
+  assert 17 in checkpoint.Checkpointer(os.path.join(resumed_dir, "teacher", "checkpoints")).steps()
+  monkeypatch.undo()
+  train.run(config, resumed_dir)
+  # Bit for bit: same batches, same dropout/augmentation keys, same optimizer state.
+  jax.tree.map(np.testing.assert_array_equal, final_variables(resumed_dir, "teacher"),
+               final_variables(workdir, "teacher"))
+  steps = [m["step"] for m in read_metrics(resumed_dir, "teacher")]
+  assert steps == sorted(set(steps))  # no duplicated lines after the resume
+
+
+def test_resume_with_a_changed_config_is_refused(reference_run, tmp_path, monkeypatch):
+  config = tiny_config()
+  select_rows(config, "teacher")
+  monkeypatch.setattr(loop, "_sigterm_flag", lambda: _stop_at(3))
+  with pytest.raises(loop.Preempted):
+    train.run(config, str(tmp_path))
+  monkeypatch.undo()
+  config.rows.teacher.optimizer.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r"rows.teacher.optimizer: .*'learning_rate': 0.01.*0.5"):
+    train.run(config, str(tmp_path))
+
+
+def test_unknown_model_lists_the_known_ones(tmp_path):
+  config = tiny_config()
+  config.rows.teacher.model = "mlp_12000"
+  with pytest.raises(ValueError, match=r"unknown model 'mlp_12000'. Did you mean .*'mlp_1200'.*Known models: "):
+    train.run(config, str(tmp_path))
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  config = tiny_config()
+  with config.unlocked():
+    config.rows.teacher.learning_rate = 0.1
+  with pytest.raises(ValueError, match=r"unknown config key rows.teacher.'learning_rate'"):
+    train.run(config, str(tmp_path))
+
+
+def test_unknown_loss_term_is_named(tmp_path):
+  config = tiny_config()
+  config.rows.student_kd.terms = {"kdd": {"weight": 1.0}}
+  with pytest.raises(ValueError, match=r"unknown loss term 'kdd'. Did you mean 'kd'"):
+    train.run(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  with pytest.raises(ValueError, match="data.batch_size 60 is not divisible by the 8 devices"):
+    train.run(tiny_config(batch_size=60), str(tmp_path))
+
+
+def test_missing_data_directory(tmp_path):
+  config = tiny_config(name="mnist", dir=str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="MNIST files missing from"):
+    train.run(config, str(tmp_path))
+
+
+def test_teacher_with_another_class_count_is_refused(tmp_path):
+  teacher_dir = str(tmp_path / "teacher5")
+  module = models.create("mlp", num_classes=5, widths=[8])
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32))
+  checkpoint.save_model(teacher_dir, variables, {"model": "mlp", "model_kwargs": {"widths": [8]},
+                                                 "num_classes": 5, "input_shape": [8, 8, 1]})
+  config = tiny_config()
+  select_rows(config, "student_kd")
+  config.rows.student_kd.teacher = teacher_dir
+  with pytest.raises(ValueError, match=r"the teacher in .*teacher5 has 5 classes, but dataset 'digits' has 10"):
+    train.run(config, str(tmp_path / "run"))
+
+
+def test_teacher_term_without_a_teacher(tmp_path):
+  config = tiny_config()
+  select_rows(config, "student_kd")
+  config.rows.student_kd.teacher = ""
+  with pytest.raises(ValueError, match=r"row 'student_kd' uses a teacher .* rows.student_kd.teacher is empty"):
+    train.run(config, str(tmp_path))
