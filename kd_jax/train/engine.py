@@ -27,6 +27,7 @@ class TrainState:
   method_state: {term name: state} (memory banks, peers, ...).
   rng: raw uint32 [2] key; the step's randomness is fold_in(rng, step).
   nonfinite_step: -1, or the first step whose loss or gradients were not finite.
+  nonfinite_values: at that step, [loss, grad norm, each term's mean] (see `value_names`).
   """
 
   step: jax.Array
@@ -36,6 +37,7 @@ class TrainState:
   method_state: Any
   rng: jax.Array
   nonfinite_step: jax.Array
+  nonfinite_values: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,11 @@ class StepSpec:
   teacher: nn.Module | None = None
   augment: str = "none"
   max_norm: float = 0.0
-  skip_nonfinite: bool = True
+
+
+def value_names(spec: StepSpec) -> tuple[str, ...]:
+  """Names of `TrainState.nonfinite_values`."""
+  return ("loss", "grad_norm") + tuple(f"loss/{name}" for name in spec.objective.terms)
 
 
 def _variables(params, batch_stats):
@@ -80,7 +86,8 @@ def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images
       opt_state=spec.optimizer.init(params),
       method_state=method_state,
       rng=rng,
-      nonfinite_step=jnp.full((), -1, jnp.int32))
+      nonfinite_step=jnp.full((), -1, jnp.int32),
+      nonfinite_values=jnp.zeros((len(value_names(spec)),), jnp.float32))
 
 
 def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> tuple[TrainState, dict]:
@@ -107,17 +114,20 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
     params = {**params, "student": optim.max_norm(params["student"], spec.max_norm)}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  first_bad = (state.nonfinite_step < 0) & ~finite
+  values = jnp.stack([loss, grad_norm] + [metrics[n] for n in value_names(spec)[2:]]).astype(jnp.float32)
   new_state = state.replace(
       step=state.step + 1, params=params, batch_stats={"student": batch_stats}, opt_state=opt_state,
       method_state=method_state,
-      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
-  if spec.skip_nonfinite:
-    # A non-finite step leaves the state as it was (but for the step counter and the flag).
-    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = new_state.replace(
-        params=keep_old(new_state.params, state.params), opt_state=keep_old(new_state.opt_state, state.opt_state),
-        batch_stats=keep_old(new_state.batch_stats, state.batch_stats),
-        method_state=keep_old(new_state.method_state, state.method_state))
+      nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+      nonfinite_values=jnp.where(first_bad, values, state.nonfinite_values))
+  # A non-finite step leaves the state as it was (but for the step counter and the record of it);
+  # the host then stops the run or, with config.skip_nonfinite, goes on.
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = new_state.replace(
+      params=keep_old(new_state.params, state.params), opt_state=keep_old(new_state.opt_state, state.opt_state),
+      batch_stats=keep_old(new_state.batch_stats, state.batch_stats),
+      method_state=keep_old(new_state.method_state, state.method_state))
   metrics.update(grad_norm=grad_norm, learning_rate=spec.schedule(state.step), finite=finite.astype(jnp.float32))
   return new_state, metrics
 

@@ -180,8 +180,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   spec = engine.StepSpec(
       student=student, objective=objective, optimizer=optim.make_optimizer(row.optimizer, schedule),
-      schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
-      skip_nonfinite=config.skip_nonfinite)
+      schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm)
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
@@ -224,18 +223,21 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     for step, device_metrics in pending:
       values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       if not values.pop("finite", 1.0):
-        bad = sorted(k for k, v in values.items() if not np.isfinite(v))
-        raise NonFiniteLoss(f"row {name!r}: non-finite values at step {step}: {bad}")
+        check_finite(state)  # names the exact step and term (unless skipping is on)
       metrics_log.write({"step": step, "split": "train", **values})
       bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
     pending.clear()
 
   def check_finite(state):
-    bad_step = int(jax.device_get(state.nonfinite_step))
+    bad_step, values = jax.device_get((state.nonfinite_step, state.nonfinite_values))
     if bad_step >= 0 and not config.skip_nonfinite:
-      raise NonFiniteLoss(f"row {name!r}: loss or gradients became non-finite at step {bad_step}; "
-                          "the last checkpoint holds the state before it")
-    return bad_step
+      detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(engine.value_names(spec), values))
+      bad = [k for k, v in zip(engine.value_names(spec), values) if not np.isfinite(v)]
+      raise NonFiniteLoss(
+          f"row {name!r}: non-finite {', '.join(bad)} at step {int(bad_step)} ({detail}); the last checkpoint "
+          f"in {checkpointer.directory} holds a state before it. Set --config.skip_nonfinite=True to skip "
+          "such steps instead.")
+    return int(bad_step)
 
   t0 = time.time()
   pending: list = []
