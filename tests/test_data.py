@@ -84,8 +84,8 @@ def test_global_batch_is_identical_on_1_and_8_devices():
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
-  with pytest.raises(ValueError, match="data.batch_size 12 is not divisible by the 8 devices"):
-    mesh_lib.check_batch_size(12, mesh_lib.make_mesh(), what="data.batch_size")
+  with pytest.raises(ValueError, match="data.batch_size 12 is not divisible by the 8 devices of mesh axis .data."):
+    mesh_lib.check_batch_size(12, 8, what="data.batch_size", axis="data")
 
 
 def test_mesh_that_does_not_fit_the_devices_is_a_clear_error():

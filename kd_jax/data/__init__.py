@@ -126,9 +126,14 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
-  """Indices of the global batch of `step`: int64 [batch_size], a pure function of (seed, step)."""
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int, stream: int = 0) -> np.ndarray:
+  """Indices of the global batch of `step`: int64 [batch_size], a pure function of (seed, step).
+
+  `stream` selects one of several independent orders (co-distillation replicas
+  that each train on their own data).
+  """
   per_epoch = steps_per_epoch(num_examples, batch_size)
   epoch, position = divmod(int(step), per_epoch)
-  order = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
+  key = [int(seed), epoch] + ([int(stream)] if stream else [])
+  order = np.random.default_rng(key).permutation(num_examples)
   return order[position * batch_size:(position + 1) * batch_size]

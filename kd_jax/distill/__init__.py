@@ -6,9 +6,14 @@ A method is a config mapping term names to their weight and hyper-parameters::
 
 Each term is a small object: `init` creates its trainable connector params and
 its state (e.g. a memory bank) from example outputs, and `__call__` maps
-(student outputs, teacher outputs, batch, params, state) to a per-example [B]
-or scalar loss and the new state. The `Objective` sums the weighted means, so a
-method combined with KD (the CRD table's "+KD" column) is just one more entry.
+(student outputs, source outputs, batch, params, state) to a per-example [B]
+or scalar loss and the new state. The source is what the student learns from:
+the frozen teacher's outputs (`needs_teacher`), or for online methods
+(`needs_peers`) the other peers' outputs stacked on a leading axis [K-1, ...].
+The `Objective` sums the weighted means, so a method combined with KD (the CRD
+table's "+KD" column) is just one more entry. Besides `weight`, every term
+takes `start_epoch` (weight 0 before it: co-distillation's burn-in) and
+`warmup_epochs` (weight ramped linearly from 0: DKD's warm-up).
 New terms register with `@register_term("name")`.
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Term:
   """One part of an objective. Subclasses set `needs_teacher` and define `__call__`."""
 
   needs_teacher: bool = False
+  needs_peers: bool = False
 
   def init(self, rng: jax.Array, student: Outputs, teacher: Outputs | None) -> tuple[Any, Any]:
     """Returns (trainable connector params, state); both empty by default."""
@@ -82,10 +88,12 @@ def _make_term(name: str, kwargs: Mapping[str, Any]) -> Term:
 class Objective:
   """The weighted sum of a method's terms: loss = Σ weight · mean(term)."""
 
-  def __init__(self, terms: Mapping[str, Mapping[str, Any]]):
+  def __init__(self, terms: Mapping[str, Mapping[str, Any]], *, steps_per_epoch: int = 1):
     if not terms:
       raise ValueError("a method needs at least one loss term, e.g. {'ce': {'weight': 1.0}}")
     self.weights: dict[str, float] = {}
+    self.starts: dict[str, int] = {}
+    self.warmups: dict[str, int] = {}
     self.terms: dict[str, Term] = {}
     for name, options in terms.items():
       options = dict(options)
@@ -93,11 +101,25 @@ class Objective:
       if not isinstance(weight, (int, float)):
         raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
       self.weights[name] = float(weight)
+      self.starts[name] = int(round(options.pop("start_epoch", 0) * steps_per_epoch))
+      self.warmups[name] = int(round(options.pop("warmup_epochs", 0) * steps_per_epoch))
       self.terms[name] = _make_term(name, options)
+    if self.needs_teacher and self.needs_peers:
+      raise ValueError(f"terms {list(terms)} mix teacher terms and online (peer) terms")
 
   @property
   def needs_teacher(self) -> bool:
     return any(t.needs_teacher for t in self.terms.values())
+
+  @property
+  def needs_peers(self) -> bool:
+    return any(t.needs_peers for t in self.terms.values())
+
+  def weight(self, name: str, step: jax.Array) -> jax.Array:
+    """The term's weight at `step`: 0 before its start, then a linear warm-up."""
+    since_start = (step - self.starts[name]).astype(jnp.float32)
+    ramp = jnp.clip(since_start / self.warmups[name], 0.0, 1.0) if self.warmups[name] else 1.0
+    return self.weights[name] * jnp.where(since_start >= 0, ramp, 0.0)
 
   def init(self, rng, student: Outputs, teacher: Outputs | None):
     params, state = {}, {}
@@ -116,7 +138,7 @@ class Objective:
       value, term_state = term(student, teacher, batch, params.get(name, {}), state.get(name, {}), step=step)
       value = jnp.mean(value.astype(jnp.float32))
       metrics[f"loss/{name}"] = value
-      total = total + self.weights[name] * value
+      total = total + self.weight(name, step) * value
       if term_state:
         new_state[name] = term_state
     metrics["loss"] = total
@@ -146,3 +168,35 @@ class KD(Term):
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.kd_loss(student.logits, _teacher_logits(teacher), temperature=self.temperature), state
+
+
+@register_term("dml")
+class MutualLearning(Term):
+  """Deep mutual learning (Zhang et al. 2018): mean over the other peers j of KL(p_j ‖ p_k) at T."""
+
+  needs_peers = True
+
+  def __init__(self, temperature: float = 1.0):
+    self.temperature = temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    per_peer = jax.vmap(lambda peer: losses.kd_loss(student.logits, peer, temperature=self.temperature))(
+        jax.lax.stop_gradient(teacher.logits))
+    return jnp.mean(per_peer, axis=0), state
+
+
+@register_term("codistill")
+class CoDistillation(Term):
+  """Co-distillation (Anil et al. 2018): T² · KL(mean of the other peers' p ‖ p_k)."""
+
+  needs_peers = True
+
+  def __init__(self, temperature: float = 1.0):
+    self.temperature = temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    t = self.temperature
+    target = jnp.mean(jax.nn.softmax(jax.lax.stop_gradient(teacher.logits).astype(jnp.float32) / t, -1), axis=0)
+    log_student = jax.nn.log_softmax(student.logits.astype(jnp.float32) / t, -1)
+    kl = jnp.sum(target * (jnp.log(jnp.maximum(target, 1e-30)) - log_student), -1)
+    return t * t * kl, state

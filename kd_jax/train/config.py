@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 # Keys whose change would silently corrupt a resumed run; the rest (logging,
 # checkpoint frequency, progress bar) may change freely between restarts.
 _RUN_KEYS = ("seed", "epochs", "data.name", "data.batch_size")
-_ROW_KEYS = ("model", "model_kwargs", "terms", "teacher", "optimizer", "schedule", "augment", "max_norm")
+_ROW_KEYS = ("model", "model_kwargs", "terms", "teacher", "optimizer", "schedule", "augment", "max_norm", "peers",
+             "exchange")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,8 +46,15 @@ def base_config() -> ml_collections.ConfigDict:
 def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = "",
         model_kwargs: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
         schedule: Mapping[str, Any] | None = None, augment: str = "none", max_norm: float = 0.0,
+        peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1,
         paper: float | str = "") -> ml_collections.ConfigDict:
-  """One row of a table. `paper` is the paper's figure for the report (e.g. test errors)."""
+  """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
+
+  peers: K models trained together (online methods: DML, co-distillation), laid
+    out on the mesh axis "replica". exchange: "predictions" (every step, the
+    peers' predictions on a shared batch) or "stale" (each peer on its own data,
+    distilling from copies of the others refreshed every `exchange_every_steps`).
+  """
   opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
   opt.update(optimizer or {})
   sched = {"name": "constant", "boundaries": [], "factor": 0.1, "warmup_epochs": 0.0}
@@ -54,7 +62,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
   return ml_collections.ConfigDict({
       "model": model, "model_kwargs": dict(model_kwargs or {}), "teacher": teacher,
       "terms": {k: dict(v) for k, v in terms.items()}, "optimizer": opt, "schedule": sched,
-      "augment": augment, "max_norm": float(max_norm), "paper": paper,
+      "augment": augment, "max_norm": float(max_norm), "peers": peers,
+      "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "paper": paper,
   })
 
 
@@ -95,6 +104,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_keys(r, example, f"rows.{name}.")
     _check_keys(r.optimizer, example.optimizer, f"rows.{name}.optimizer.")
     _check_keys(r.schedule, example.schedule, f"rows.{name}.schedule.")
+    _check_keys(r.exchange, example.exchange, f"rows.{name}.exchange.")
     models.spec(r.model)  # unknown model: error listing the known ones
     if r.teacher == name:
       raise ValueError(f"row {name!r} names itself as its teacher")

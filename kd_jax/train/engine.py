@@ -1,4 +1,17 @@
-"""The train state and the jitted, sharded train and eval steps."""
+"""The train state and the jitted, sharded train and eval steps.
+
+One step serves every method. The trained model is a stack of K peers (K = 1
+for offline distillation) vmapped over a leading axis that is laid out on the
+mesh axis "replica"; each peer sees a data stream (one shared stream, or one per
+peer for co-distillation's stale mode) whose batch axis is sharded over "data".
+What a peer learns from is one of:
+  - a frozen teacher (offline: KD, FitNets, CRD, ...), run in inference mode;
+  - the other peers' predictions on the same batch, exchanged every step
+    (DML; co-distillation's "predictions" mode): a roll over the peer axis,
+    which XLA lowers to a collective across the replica axis;
+  - stale copies of the other peers' parameters, refreshed every N steps and
+    evaluated on the peer's own batch (co-distillation's "stale" mode).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kd_jax import losses
 from kd_jax.data import augment as augment_lib
@@ -17,14 +30,18 @@ from kd_jax.distill import Objective, Outputs
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
 
+EXCHANGES = ("none", "predictions", "stale")
+
 
 @flax.struct.dataclass
 class TrainState:
   """Everything a run needs to continue exactly: checkpoint this and nothing else.
 
-  params: {"student": ..., "terms": {term name: connector params}}, all trained.
-  batch_stats: {"student": ...} BatchNorm running statistics.
-  method_state: {term name: state} (memory banks, peers, ...).
+  params: {"student": ..., "terms": {term name: connector params}}; every leaf
+    has a leading peer axis [K, ...].
+  batch_stats: {"student": ...} BatchNorm running statistics, [K, ...].
+  method_state: {term name: state} (memory banks, ...), [K, ...].
+  exchange: co-distillation's stale peer copies {"params", "batch_stats"} ({} otherwise).
   rng: raw uint32 [2] key; the step's randomness is fold_in(rng, step).
   nonfinite_step: -1, or the first step whose loss or gradients were not finite.
   nonfinite_values: at that step, [loss, grad norm, each term's mean] (see `value_names`).
@@ -35,6 +52,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   method_state: Any
+  exchange: Any
   rng: jax.Array
   nonfinite_step: jax.Array
   nonfinite_values: jax.Array
@@ -52,6 +70,29 @@ class StepSpec:
   teacher: nn.Module | None = None
   augment: str = "none"
   max_norm: float = 0.0
+  peers: int = 1
+  exchange: str = "none"
+  exchange_every: int = 1
+
+  def __post_init__(self):
+    if self.exchange not in EXCHANGES:
+      raise ValueError(f"unknown exchange mode {self.exchange!r}; known: {EXCHANGES}")
+    if self.peers < 1:
+      raise ValueError(f"peers must be >= 1, got {self.peers}")
+    if self.exchange != "none" and self.peers < 2:
+      raise ValueError(f"exchange={self.exchange!r} needs at least 2 peers, got {self.peers}")
+    if self.exchange == "none" and self.objective.needs_peers:
+      raise ValueError("an online term (e.g. 'dml', 'codistill') needs peers >= 2 and exchange "
+                       "'predictions' or 'stale'")
+    if self.exchange != "none" and self.teacher is not None:
+      raise ValueError("a run learns from a teacher or from its peers, not both")
+    if self.exchange_every < 1:
+      raise ValueError(f"exchange_every must be >= 1, got {self.exchange_every}")
+
+  @property
+  def streams(self) -> int:
+    """Data streams: one per peer in stale mode (each replica its own data), else one shared."""
+    return self.peers if self.exchange == "stale" else 1
 
 
 def value_names(spec: StepSpec) -> tuple[str, ...]:
@@ -63,6 +104,11 @@ def _variables(params, batch_stats):
   return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
+def unstack(tree, k: int = 0):
+  """Peer k's slice of a stacked pytree."""
+  return jax.tree.map(lambda x: x[k], tree)
+
+
 def teacher_outputs(spec: StepSpec, teacher_variables, images) -> Outputs | None:
   if spec.teacher is None:
     return None
@@ -70,66 +116,153 @@ def teacher_outputs(spec: StepSpec, teacher_variables, images) -> Outputs | None
   return jax.lax.stop_gradient(Outputs(logits, features))
 
 
+def _peer_rngs(rng, peers):
+  return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(peers))
+
+
+def _peer_stub(spec: StepSpec, logits) -> Outputs | None:
+  """What online terms see at init: the other peers' logits [K-1, B, K]."""
+  if spec.exchange == "none":
+    return None
+  return Outputs(jnp.broadcast_to(logits, (spec.peers - 1,) + logits.shape))
+
+
 def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images: jax.Array) -> TrainState:
   """A fresh state: a pure function of `rng` (call under jit for placement)."""
-  init_rng, term_rng, dropout_rng = jax.random.split(rng, 3)
   images = spec.normalize(example_images)
-  variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
-  logits, features = spec.student.apply(variables, images, train=False, return_features=True)
   teacher = teacher_outputs(spec, teacher_variables, images)
-  term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), teacher)
-  params = {"student": variables["params"], "terms": term_params}
+
+  def init_peer(peer_rng):
+    init_rng, term_rng, dropout_rng = jax.random.split(peer_rng, 3)
+    variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
+    logits, features = spec.student.apply(variables, images, train=False, return_features=True)
+    source = teacher if teacher is not None else _peer_stub(spec, logits)
+    term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
+    return variables["params"], variables.get("batch_stats", {}), term_params, method_state
+
+  student, batch_stats, term_params, method_state = jax.vmap(init_peer)(_peer_rngs(rng, spec.peers))
+  params = {"student": student, "terms": term_params}
+  exchange = {"params": student, "batch_stats": batch_stats} if spec.exchange == "stale" else {}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      batch_stats={"student": variables.get("batch_stats", {})},
+      batch_stats={"student": batch_stats},
       opt_state=spec.optimizer.init(params),
       method_state=method_state,
+      exchange=exchange,
       rng=rng,
       nonfinite_step=jnp.full((), -1, jnp.int32),
       nonfinite_values=jnp.zeros((len(value_names(spec)),), jnp.float32))
 
 
+def _others(stacked: jax.Array, peers: int) -> jax.Array:
+  """[K, ...] -> [K, K-1, ...]: for each peer, the other peers' values (rolls over the peer axis)."""
+  return jnp.stack([jnp.roll(stacked, shift, axis=0) for shift in range(1, peers)], axis=1)
+
+
 def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> tuple[TrainState, dict]:
-  """One optimisation step on a global batch {"image": uint8 [B,H,W,C], "label": int [B], "index": int [B]}."""
+  """One optimisation step of all peers.
+
+  batch: {"image": uint8 [S, B, H, W, C], "label": int [S, B], "index": int [S, B]} with S = spec.streams.
+  """
+  k = spec.peers
   step_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
-  images = batch["image"].astype(jnp.float32)
-  images = spec.normalize(augment_lib.augment(augment_rng, images, kind=spec.augment))
-  teacher = teacher_outputs(spec, teacher_variables, images)
+  images = jax.vmap(lambda r, x: augment_lib.augment(r, x.astype(jnp.float32), kind=spec.augment))(
+      _peer_rngs(augment_rng, spec.streams), batch["image"])
+  images = jax.vmap(spec.normalize)(images)
+  # Per-peer inputs: the shared stream broadcast to every peer, or each peer's own stream.
+  stream_axis = 0 if spec.streams > 1 else None
+  pick = lambda x: x if spec.streams > 1 else x[0]
+  teacher = teacher_outputs(spec, teacher_variables, pick(images))
+
+  if spec.exchange == "stale":
+    def peer_predictions(params, batch_stats, peer_images):
+      return spec.student.apply(_variables(params, batch_stats), peer_images, train=False)
+
+    # Peer k reads the copy of peer (k - shift) for each shift: its own stale peers, on its own batch.
+    stale = [jax.vmap(peer_predictions)(*jax.tree.map(lambda x: jnp.roll(x, shift, axis=0),
+                                                      (state.exchange["params"], state.exchange["batch_stats"])),
+                                        images)
+             for shift in range(1, k)]
+    stale_logits = jax.lax.stop_gradient(jnp.stack(stale, axis=1))  # [K, K-1, B, classes]
+
+  def peer_forward(params, batch_stats, peer_rng, peer_images):
+    (logits, features), updates = spec.student.apply(
+        _variables(params, batch_stats), peer_images, train=True, return_features=True,
+        mutable=["batch_stats"], rngs={"dropout": peer_rng})
+    return logits, features, updates.get("batch_stats", {})
 
   def loss_fn(params):
-    (logits, features), updates = spec.student.apply(
-        _variables(params["student"], state.batch_stats["student"]), images, train=True,
-        return_features=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss, metrics, method_state = spec.objective(
-        params["terms"], state.method_state, Outputs(logits, features), teacher, batch, step=state.step)
-    metrics["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-    return loss, (metrics, updates.get("batch_stats", {}), method_state)
+    logits, features, batch_stats = jax.vmap(peer_forward, in_axes=(0, 0, 0, stream_axis))(
+        params["student"], state.batch_stats["student"], _peer_rngs(dropout_rng, k), pick(images))
+    if spec.exchange == "predictions":
+      sources, source_axis = Outputs(jax.lax.stop_gradient(_others(logits, k))), 0
+    elif spec.exchange == "stale":
+      sources, source_axis = Outputs(stale_logits), 0
+    else:
+      sources, source_axis = teacher, None
+    objective = lambda term_params, method_state, logits, features, peer_batch, source: spec.objective(
+        term_params, method_state, Outputs(logits, features), source, peer_batch, step=state.step)
+    loss, metrics, method_state = jax.vmap(objective, in_axes=(0, 0, 0, 0, stream_axis, source_axis))(
+        params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources)
+    labels = batch["label"] if spec.streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:2])
+    metrics["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
+    # Peers are independent models: the sum's gradient is each peer's own loss gradient.
+    return jnp.sum(loss), (jax.tree.map(jnp.mean, metrics), batch_stats, method_state)
 
   (loss, (metrics, batch_stats, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  loss = loss / k
   updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if spec.max_norm:
-    params = {**params, "student": optim.max_norm(params["student"], spec.max_norm)}
+    params = {**params, "student": optim.max_norm(params["student"], spec.max_norm, stacked=True)}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   first_bad = (state.nonfinite_step < 0) & ~finite
   values = jnp.stack([loss, grad_norm] + [metrics[n] for n in value_names(spec)[2:]]).astype(jnp.float32)
-  new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats={"student": batch_stats}, opt_state=opt_state,
-      method_state=method_state,
-      nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
-      nonfinite_values=jnp.where(first_bad, values, state.nonfinite_values))
   # A non-finite step leaves the state as it was (but for the step counter and the record of it);
   # the host then stops the run or, with config.skip_nonfinite, goes on.
   keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = new_state.replace(
-      params=keep_old(new_state.params, state.params), opt_state=keep_old(new_state.opt_state, state.opt_state),
-      batch_stats=keep_old(new_state.batch_stats, state.batch_stats),
-      method_state=keep_old(new_state.method_state, state.method_state))
-  metrics.update(grad_norm=grad_norm, learning_rate=spec.schedule(state.step), finite=finite.astype(jnp.float32))
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_old(params, state.params),
+      batch_stats=keep_old({"student": batch_stats}, state.batch_stats),
+      opt_state=keep_old(opt_state, state.opt_state),
+      method_state=keep_old(method_state, state.method_state),
+      nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+      nonfinite_values=jnp.where(first_bad, values, state.nonfinite_values))
+  if spec.exchange == "stale":
+    # Every N steps each replica receives its peers' current parameters.
+    refresh = (new_state.step % spec.exchange_every) == 0
+    current = {"params": new_state.params["student"], "batch_stats": new_state.batch_stats["student"]}
+    new_state = new_state.replace(
+        exchange=jax.tree.map(lambda n, o: jnp.where(refresh, n, o), current, state.exchange))
+  metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=spec.schedule(state.step),
+                 finite=finite.astype(jnp.float32))
   return new_state, metrics
+
+
+def state_shardings(mesh: Mesh, abstract_state: TrainState, spec: StepSpec):
+  """Peer-stacked leaves split over "replica" (when the peer count allows), the rest replicated."""
+  replicas = mesh.shape["replica"]
+  stacked = NamedSharding(mesh, P("replica")) if replicas > 1 and spec.peers % replicas == 0 else None
+  replicated = mesh_lib.replicated(mesh)
+
+  def leaf_sharding(path, leaf):
+    top = getattr(path[0], "name", None)
+    peer_axis = top in ("params", "batch_stats", "method_state", "exchange") or (
+        top == "opt_state" and leaf.ndim >= 1 and leaf.shape[0] == spec.peers)
+    return stacked if (stacked is not None and peer_axis and leaf.ndim >= 1) else replicated
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+
+def batch_sharding(mesh: Mesh, spec: StepSpec) -> NamedSharding:
+  """[S, B, ...]: streams over "replica" (stale mode), the batch over "data"."""
+  if spec.streams > 1 and mesh.shape["replica"] > 1:
+    return NamedSharding(mesh, P("replica", "data"))
+  return NamedSharding(mesh, P(None, "data"))
 
 
 def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
@@ -137,20 +270,25 @@ def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(
       lambda state, teacher_variables, batch: train_step(spec, state, teacher_variables, batch),
-      in_shardings=(state_sharding, replicated, mesh_lib.batch_sharding(mesh)),
+      in_shardings=(state_sharding, replicated, batch_sharding(mesh, spec)),
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
 
 
 def make_eval_step(model: nn.Module, normalize, mesh: Mesh):
-  """`eval(variables, batch) -> {"correct", "loss", "count"}` sums over the unmasked examples."""
+  """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
+  peers' ensemble (mean of probabilities) "ensemble_correct", and "count"."""
 
   def eval_step(variables, batch):
-    logits = model.apply(variables, normalize(batch["image"].astype(jnp.float32)), train=False)
+    images = normalize(batch["image"].astype(jnp.float32))
+    logits = jax.vmap(lambda v: model.apply(v, images, train=False))(variables)  # [K, B, classes]
     mask = batch["mask"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    ce = losses.cross_entropy(logits, batch["label"])
-    return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(ce * mask), "count": jnp.sum(mask)}
+    hits = lambda l: (jnp.argmax(l, -1) == batch["label"]).astype(jnp.float32)
+    masked_sum = jax.vmap(lambda per_example: jnp.sum(per_example * mask))  # over peers
+    ce = jax.vmap(lambda l: losses.cross_entropy(l, batch["label"]))(logits)
+    ensemble = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
+    return {"correct": masked_sum(jax.vmap(hits)(logits)), "loss": masked_sum(ce),
+            "ensemble_correct": jnp.sum(hits(ensemble) * mask), "count": jnp.sum(mask)}
 
   return jax.jit(eval_step, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

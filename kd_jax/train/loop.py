@@ -118,8 +118,13 @@ def evaluate(eval_step, variables, dataset: data_lib.Dataset, batch_size: int, m
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = int(totals["count"])
-  correct = int(round(float(totals["correct"])))
-  return {"test_accuracy": correct / count, "test_errors": count - correct, "test_loss": float(totals["loss"]) / count}
+  correct = np.rint(totals["correct"]).astype(int)  # [K]: one entry per peer
+  result = {"test_accuracy": float(correct.mean()) / count, "test_errors": int(round(count - correct.mean())),
+            "test_loss": float(totals["loss"].mean()) / count}
+  if correct.size > 1:
+    result["peer_test_accuracy"] = [int(c) / count for c in correct]
+    result["ensemble_test_accuracy"] = float(totals["ensemble_correct"]) / count
+  return result
 
 
 def _normalizer(dataset: data_lib.Dataset):
@@ -158,13 +163,17 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       return json.load(f)
 
   batch_size = config.data.batch_size
-  mesh_lib.check_batch_size(batch_size, mesh, what="data.batch_size")
-  mesh_lib.check_batch_size(config.data.eval_batch_size, mesh, what="data.eval_batch_size")
+  mesh_lib.check_batch_size(batch_size, mesh.shape["data"], what="data.batch_size", axis="data")
+  mesh_lib.check_batch_size(config.data.eval_batch_size, mesh.devices.size, what="data.eval_batch_size")
+  if row.peers % mesh.shape["replica"]:
+    raise ValueError(f"row {name!r}: {row.peers} peers cannot be spread over mesh.replica="
+                     f"{mesh.shape['replica']} replica groups; use a divisor of {row.peers} (or 1)")
   steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, batch_size)
   total_steps = config.epochs * steps_per_epoch
   normalize = _normalizer(dataset)
 
-  objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms)
+  objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms,
+                        steps_per_epoch=steps_per_epoch)
   teacher, teacher_variables = None, {}
   if objective.needs_teacher:
     if not teacher_dir:
@@ -180,14 +189,15 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   spec = engine.StepSpec(
       student=student, objective=objective, optimizer=optim.make_optimizer(row.optimizer, schedule),
-      schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm)
+      schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
+      peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps)
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
   example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, jnp.uint8)
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sharding = engine.state_shardings(mesh, abstract_state, spec)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
 
@@ -209,9 +219,10 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   train_step = engine.make_train_step(spec, mesh, state_sharding)
   eval_step = engine.make_eval_step(student, normalize, mesh)
   metrics_log = _MetricsLog(os.path.join(row_dir, "metrics.jsonl"), resume_step=start_step)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch_sharding = engine.batch_sharding(mesh, spec)
 
   def student_variables(state):
+    """All peers' variables, stacked [K, ...]."""
     return engine._variables(state.params["student"], state.batch_stats["student"])
 
   def save(state, step):
@@ -246,7 +257,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
   with _sigterm_flag() as sigterm, bar:
     for step in range(start_step, total_steps):
-      batch = _train_batch(dataset, batch_size, seed=config.seed, step=step)
+      batch = _train_batch(dataset, batch_size, seed=config.seed, step=step, streams=spec.streams)
       state, metrics = train_step(state, teacher_variables, mesh_lib.put_batch(batch, batch_sharding))
       done = step + 1
       bar.update(1)
@@ -279,13 +290,14 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   checkpointer.close()
   final = history[-1] if history and history[-1]["step"] == total_steps else {
       **evaluate(eval_step, student_variables(state), dataset, config.data.eval_batch_size, mesh)}
-  checkpoint_lib.save_model(os.path.join(row_dir, "final"), jax.device_get(student_variables(state)),
+  # The exported model is peer 0 (the only one, but for online methods).
+  checkpoint_lib.save_model(os.path.join(row_dir, "final"), engine.unstack(jax.device_get(student_variables(state))),
                             _model_description(row, dataset))
   result = {
-      "test_accuracy": final["test_accuracy"], "test_errors": final["test_errors"], "test_loss": final["test_loss"],
+      **final,
       "best_test_accuracy": max([h["test_accuracy"] for h in history] + [final["test_accuracy"]]),
       "epochs": config.epochs, "steps": total_steps, "model": row.model,
-      "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params["student"]))),
+      "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params["student"]))) // row.peers,
       "wall_time_s": round(elapsed + time.time() - t0, 2), "history": history,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
   }
@@ -293,8 +305,11 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   return result
 
 
-def _train_batch(dataset: data_lib.Dataset, batch_size: int, *, seed: int, step: int) -> dict[str, np.ndarray]:
-  indices = data_lib.batch_indices(dataset.num_train, batch_size, seed=seed, step=step)
+def _train_batch(dataset: data_lib.Dataset, batch_size: int, *, seed: int, step: int,
+                 streams: int = 1) -> dict[str, np.ndarray]:
+  """{"image": [S, B, ...], "label": [S, B], "index": [S, B]} for S data streams."""
+  indices = np.stack([data_lib.batch_indices(dataset.num_train, batch_size, seed=seed, step=step, stream=s)
+                      for s in range(streams)])
   return {"image": dataset.train_images[indices], "label": dataset.train_labels[indices],
           "index": indices.astype(np.int32)}
 

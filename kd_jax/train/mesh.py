@@ -35,26 +35,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXES))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, *, what: str = "global batch size") -> None:
-  n = mesh.devices.size
-  if batch_size % n:
-    raise ValueError(
-        f"{what} {batch_size} is not divisible by the {n} devices of the mesh; "
-        f"use a multiple of {n} (e.g. {max(n, batch_size // n * n)})")
-
-
-def local_rows(sharding: NamedSharding, global_rows: int) -> slice:
-  """The rows of a batch-sharded global array that this process holds."""
-  index_map = sharding.addressable_devices_indices_map((global_rows,))
-  starts = [idx[0].start or 0 for idx in index_map.values()]
-  stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-  return slice(min(starts), max(stops))
+def check_batch_size(batch_size: int, devices: int, *, what: str = "global batch size", axis: str = "") -> None:
+  """A batch split over `devices` must divide evenly."""
+  if batch_size % devices:
+    where = f"the {devices} devices of mesh axis {axis!r}" if axis else f"the {devices} devices of the mesh"
+    raise ValueError(f"{what} {batch_size} is not divisible by {where}; "
+                     f"use a multiple of {devices} (e.g. {max(devices, batch_size // devices * devices)})")
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Places a global host batch: each process contributes the rows its devices hold."""
+  """Places a global host batch: each process contributes only the block its devices hold."""
   out = {}
   for key, value in batch.items():
-    rows = local_rows(sharding, value.shape[0])
-    out[key] = jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+    index_map = sharding.addressable_devices_indices_map(value.shape)
+    box = []
+    for axis, size in enumerate(value.shape):
+      starts = [idx[axis].start or 0 for idx in index_map.values()]
+      stops = [size if idx[axis].stop is None else idx[axis].stop for idx in index_map.values()]
+      box.append(slice(min(starts), max(stops)))
+    out[key] = jax.make_array_from_process_local_data(sharding, value[tuple(box)], value.shape)
   return out

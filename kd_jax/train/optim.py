@@ -49,17 +49,18 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.Gr
   raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
 
 
-def max_norm(params: Any, limit: float) -> Any:
+def max_norm(params: Any, limit: float, *, stacked: bool = False) -> Any:
   """Caps the L2 norm of each unit's incoming weights (Dense kernels [in, out]) at `limit`.
 
   The weight constraint of Srivastava et al. 2014 that Hinton et al. 2015 used
-  with dropout; biases and other leaves are left alone.
+  with dropout; biases and other leaves are left alone. `stacked`: leaves carry
+  a leading peer axis.
   """
 
   def cap(path, leaf):
-    if getattr(path[-1], "key", None) != "kernel" or leaf.ndim != 2:
+    if getattr(path[-1], "key", None) != "kernel" or leaf.ndim != 2 + int(stacked):
       return leaf
-    norms = jnp.sqrt(jnp.sum(jnp.square(leaf), axis=0, keepdims=True))
+    norms = jnp.sqrt(jnp.sum(jnp.square(leaf), axis=-2, keepdims=True))
     return leaf * jnp.minimum(1.0, limit / jnp.maximum(norms, 1e-12))
 
   return jax.tree_util.tree_map_with_path(cap, params)
