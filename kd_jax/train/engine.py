@@ -290,5 +290,6 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh):
     return {"correct": masked_sum(jax.vmap(hits)(logits)), "loss": masked_sum(ce),
             "ensemble_correct": jnp.sum(hits(ensemble) * mask), "count": jnp.sum(mask)}
 
-  return jax.jit(eval_step, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
+  # Variables keep the sharding they were trained with (peers split over "replica").
+  return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
