@@ -151,6 +151,7 @@ def test_online_term_without_peers_is_refused():
 
 def test_peers_that_do_not_fit_the_replica_axis_are_refused(tmp_path):
   config = train.base_config()
+  config.epochs = 1
   config.data.batch_size = 32
   config.data.eval_batch_size = 360
   config.progress = False

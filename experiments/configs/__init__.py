@@ -7,11 +7,15 @@ def select_rows(config, rows: str) -> None:
   unknown = [r for r in wanted if r not in config.rows]
   if unknown:
     raise ValueError(f"unknown row(s) {unknown}; this config has rows {list(config.rows)}")
+  from kd_jax.train.config import dependencies
+
   keep = set()
-  for name in wanted:
-    while name in config.rows and name not in keep:
+  todo = list(wanted)
+  while todo:
+    name = todo.pop()
+    if name not in keep:
       keep.add(name)
-      name = config.rows[name].teacher
+      todo.extend(dependencies(config, name))
   for name in list(config.rows):
     if name not in keep:
       del config.rows[name]

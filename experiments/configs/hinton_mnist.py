@@ -21,7 +21,7 @@ from kd_jax.train import base_config, row
 
 def get_config(rows: str = ""):
   c = base_config()
-  c.epochs = 60
+  epochs = 60
   c.data.name = "mnist"
   c.data.batch_size = 128
   c.data.eval_batch_size = 1000
@@ -31,9 +31,9 @@ def get_config(rows: str = ""):
   adam = {"name": "adam", "learning_rate": 1e-3}
   decay = {"name": "cosine"}
   c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, optimizer=adam, schedule=decay,
-                       augment="jitter", max_norm=3.5, paper=67)
-  c.rows.student = row(model="mlp_800", terms={"ce": {}}, optimizer=adam, schedule=decay, paper=146)
-  c.rows.student_kd = row(model="mlp_800", teacher="teacher", optimizer=adam, schedule=decay, paper=74,
+                       augment="jitter", max_norm=3.5, epochs=epochs, paper=67)
+  c.rows.student = row(model="mlp_800", terms={"ce": {}}, optimizer=adam, schedule=decay, epochs=epochs, paper=146)
+  c.rows.student_kd = row(model="mlp_800", teacher="teacher", optimizer=adam, schedule=decay, epochs=epochs, paper=74,
                           terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}})
   if rows:
     from experiments.configs import select_rows

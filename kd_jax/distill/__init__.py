@@ -145,58 +145,15 @@ class Objective:
     return total, metrics, new_state
 
 
-def _teacher_logits(teacher: Outputs | None) -> jax.Array:
-  return jax.lax.stop_gradient(teacher.logits)
+
+def feature(outputs: Outputs, name: str, *, who: str) -> jax.Array:
+  """outputs.features[name], or a clear error listing the features there are."""
+  if name not in outputs.features:
+    raise KeyError(f"the {who} has no feature {name!r}; available features: {sorted(outputs.features)}")
+  return outputs.features[name]
 
 
-@register_term("ce")
-class CrossEntropy(Term):
-  """Cross-entropy with the true labels."""
-
-  def __call__(self, student, teacher, batch, params, state, *, step):
-    return losses.cross_entropy(student.logits, batch["label"]), state
-
-
-@register_term("kd")
-class KD(Term):
-  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T."""
-
-  needs_teacher = True
-
-  def __init__(self, temperature: float = 4.0):
-    self.temperature = temperature
-
-  def __call__(self, student, teacher, batch, params, state, *, step):
-    return losses.kd_loss(student.logits, _teacher_logits(teacher), temperature=self.temperature), state
-
-
-@register_term("dml")
-class MutualLearning(Term):
-  """Deep mutual learning (Zhang et al. 2018): mean over the other peers j of KL(p_j ‖ p_k) at T."""
-
-  needs_peers = True
-
-  def __init__(self, temperature: float = 1.0):
-    self.temperature = temperature
-
-  def __call__(self, student, teacher, batch, params, state, *, step):
-    per_peer = jax.vmap(lambda peer: losses.kd_loss(student.logits, peer, temperature=self.temperature))(
-        jax.lax.stop_gradient(teacher.logits))
-    return jnp.mean(per_peer, axis=0), state
-
-
-@register_term("codistill")
-class CoDistillation(Term):
-  """Co-distillation (Anil et al. 2018): T² · KL(mean of the other peers' p ‖ p_k)."""
-
-  needs_peers = True
-
-  def __init__(self, temperature: float = 1.0):
-    self.temperature = temperature
-
-  def __call__(self, student, teacher, batch, params, state, *, step):
-    t = self.temperature
-    target = jnp.mean(jax.nn.softmax(jax.lax.stop_gradient(teacher.logits).astype(jnp.float32) / t, -1), axis=0)
-    log_student = jax.nn.log_softmax(student.logits.astype(jnp.float32) / t, -1)
-    kl = jnp.sum(target * (jnp.log(jnp.maximum(target, 1e-30)) - log_student), -1)
-    return t * t * kl, state
+# Importing the families registers their terms.
+from kd_jax.distill import logits as _logits  # noqa: E402,F401
+from kd_jax.distill import features as _features  # noqa: E402,F401
+from kd_jax.distill import online as _online  # noqa: E402,F401

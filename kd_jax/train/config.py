@@ -1,16 +1,20 @@
 """The run config: defaults, row builder, validation, and the resume fingerprint.
 
-A config is one table: shared settings (seed, epochs, data, mesh, logging) and
-`rows`, each a named training run (model, loss terms, teacher, optimizer,
-schedule). A row's `teacher` names another row (trained first, in the same
+A config is one table: shared settings (seed, data, mesh, logging) and `rows`,
+each a named training run (model, loss terms, teacher, optimizer, schedule,
+epochs). A row's `teacher` names another row (trained first, in the same
 workdir) or the directory of a trained model (`<workdir>/<row>/final`).
+Multi-stage recipes are rows chained by `init_from` (FitNets: a hint stage,
+then KD from its weights), each stage with its own optimizer and epochs.
+`config.epochs`, when > 0, overrides every row's epochs (`--config.epochs=3`
+for a quick run of a whole table).
 """
 from __future__ import annotations
 
 import difflib
 import json
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -18,16 +22,16 @@ log = logging.getLogger(__name__)
 
 # Keys whose change would silently corrupt a resumed run; the rest (logging,
 # checkpoint frequency, progress bar) may change freely between restarts.
-_RUN_KEYS = ("seed", "epochs", "data.name", "data.batch_size")
+_RUN_KEYS = ("seed", "data.name", "data.batch_size")
 _ROW_KEYS = ("model", "model_kwargs", "terms", "teacher", "optimizer", "schedule", "augment", "max_norm", "peers",
-             "exchange")
+             "exchange", "init_from")
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Settings every table shares; a config file adds `rows` and overrides the rest."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.epochs = 1
+  c.epochs = 0  # > 0: overrides every row's epochs
   c.data = ml_collections.ConfigDict({"name": "digits", "dir": "", "batch_size": 64, "eval_batch_size": 200})
   c.mesh = ml_collections.ConfigDict({"replica": 1, "data": -1})
   c.log_every_steps = 50
@@ -46,14 +50,18 @@ def base_config() -> ml_collections.ConfigDict:
 def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = "",
         model_kwargs: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
         schedule: Mapping[str, Any] | None = None, augment: str = "none", max_norm: float = 0.0,
-        peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1,
-        paper: float | str = "") -> ml_collections.ConfigDict:
+        peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
+        init_from: str = "", ensemble_with: Sequence[str] = (), paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
   peers: K models trained together (online methods: DML, co-distillation), laid
     out on the mesh axis "replica". exchange: "predictions" (every step, the
     peers' predictions on a shared batch) or "stale" (each peer on its own data,
     distilling from copies of the others refreshed every `exchange_every_steps`).
+  epochs: this row's epochs (unless config.epochs > 0 overrides all rows).
+  init_from: a row (or trained-model directory) whose weights start this row.
+  ensemble_with: rows whose models are ensembled with this one at the end
+    (born-again networks' ensemble of generations).
   """
   opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
   opt.update(optimizer or {})
@@ -63,7 +71,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "model": model, "model_kwargs": dict(model_kwargs or {}), "teacher": teacher,
       "terms": {k: dict(v) for k, v in terms.items()}, "optimizer": opt, "schedule": sched,
       "augment": augment, "max_norm": float(max_norm), "peers": peers,
-      "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "paper": paper,
+      "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
+      "init_from": init_from, "ensemble_with": list(ensemble_with), "paper": paper,
   })
 
 
@@ -84,8 +93,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys(config, base, "")
   _check_keys(config.data, base.data, "data.")
   _check_keys(config.mesh, base.mesh, "mesh.")
-  if not isinstance(config.epochs, int) or config.epochs < 1:
-    raise ValueError(f"epochs must be a positive int, got {config.epochs!r}")
+  if not isinstance(config.epochs, int) or config.epochs < 0:
+    raise ValueError(f"epochs must be a non-negative int, got {config.epochs!r}")
   for key in ("batch_size", "eval_batch_size"):
     if config.data[key] < 1:
       raise ValueError(f"data.{key} must be positive, got {config.data[key]}")
@@ -108,12 +117,27 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     models.spec(r.model)  # unknown model: error listing the known ones
     if r.teacher == name:
       raise ValueError(f"row {name!r} names itself as its teacher")
+    if row_epochs(config, name) < 1:
+      raise ValueError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
+    for other in r.ensemble_with:
+      if other not in config.rows:
+        raise ValueError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")
   row_order(config)
   return config
 
 
+def row_epochs(config: ml_collections.ConfigDict, name: str) -> int:
+  return config.epochs if config.epochs > 0 else config.rows[name].epochs
+
+
+def dependencies(config: ml_collections.ConfigDict, name: str) -> list[str]:
+  """The rows that must be trained before row `name`."""
+  r = config.rows[name]
+  return [d for d in [r.teacher, r.init_from, *r.ensemble_with] if d in config.rows]
+
+
 def row_order(config: ml_collections.ConfigDict) -> list[str]:
-  """Rows in an order where each teacher row comes before its students."""
+  """Rows in an order where each row comes after its teacher, init and ensemble rows."""
   order: list[str] = []
   visiting: set[str] = set()
 
@@ -123,9 +147,8 @@ def row_order(config: ml_collections.ConfigDict) -> list[str]:
     if name in visiting:
       raise ValueError(f"teacher cycle among rows: {' -> '.join(chain + (name,))}")
     visiting.add(name)
-    teacher = config.rows[name].teacher
-    if teacher in config.rows:
-      visit(teacher, chain + (name,))
+    for dependency in dependencies(config, name):
+      visit(dependency, chain + (name,))
     order.append(name)
 
   for name in config.rows:
@@ -142,6 +165,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, Any]:
   """The settings a resumed run of `row_name` must share with the run that saved it."""
   out = {key: _get(config, key) for key in _RUN_KEYS}
+  out["epochs"] = row_epochs(config, row_name)
   out.update({f"rows.{row_name}.{key}": _get(config.rows[row_name], key) for key in _ROW_KEYS})
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint
 

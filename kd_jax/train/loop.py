@@ -151,8 +151,27 @@ def load_teacher(directory: str, dataset: data_lib.Dataset, *, row_name: str):
   return module, variables
 
 
+def _load_init(directory: str, row, name: str):
+  """Weights that start row `name` (a multi-stage recipe's previous stage): same model only."""
+  variables, description = checkpoint_lib.load_model(directory)
+  if description["model"] != row.model or description["model_kwargs"] != dict(row.model_kwargs):
+    raise ValueError(
+        f"row {name!r}: init_from {directory} holds a {description['model']} {description['model_kwargs']}, "
+        f"but the row trains a {row.model} {dict(row.model_kwargs)}")
+  return variables
+
+
+def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, batch_size: int, mesh) -> float:
+  """Test accuracy of the mean of the probabilities of this row's model and the models in `dirs`."""
+  members = [variables] + [checkpoint_lib.load_model(d)[0] for d in dirs]
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *members)
+  totals = evaluate(engine.make_eval_step(model, normalize, mesh), stacked, dataset, batch_size, mesh)
+  return totals["ensemble_test_accuracy"]
+
+
 def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, mesh, workdir: str,
-              *, teacher_dir: str | None = None) -> dict[str, Any]:
+              *, teacher_dir: str | None = None, init_dir: str | None = None,
+              ensemble_dirs: tuple[str, ...] = ()) -> dict[str, Any]:
   """Trains row `name` (resuming if interrupted); returns its result dict."""
   row = config.rows[name]
   row_dir = os.path.join(workdir, name)
@@ -169,7 +188,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     raise ValueError(f"row {name!r}: {row.peers} peers cannot be spread over mesh.replica="
                      f"{mesh.shape['replica']} replica groups; use a divisor of {row.peers} (or 1)")
   steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, batch_size)
-  total_steps = config.epochs * steps_per_epoch
+  epochs = config_lib.row_epochs(config, name)
+  total_steps = epochs * steps_per_epoch
   normalize = _normalizer(dataset)
 
   objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms,
@@ -207,6 +227,13 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   if restored is None:
     state = jax.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
         spec, rng, teacher_variables, example)
+    if init_dir:
+      start = _load_init(init_dir, row, name)
+      peers = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (row.peers,) + x.shape), tree)
+      params = {**state.params, "student": peers(start["params"])}
+      state = jax.device_put(state.replace(
+          params=params, batch_stats={"student": peers(start.get("batch_stats", {}))},
+          opt_state=spec.optimizer.init(params)), state_sharding)
     history, elapsed = [], 0.0
   else:
     state, meta = restored
@@ -293,10 +320,14 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   # The exported model is peer 0 (the only one, but for online methods).
   checkpoint_lib.save_model(os.path.join(row_dir, "final"), engine.unstack(jax.device_get(student_variables(state))),
                             _model_description(row, dataset))
+  if ensemble_dirs:
+    final["ensemble_test_accuracy"] = _ensemble_accuracy(
+        list(ensemble_dirs), engine.unstack(jax.device_get(student_variables(state))), student, normalize,
+        dataset, config.data.eval_batch_size, mesh)
   result = {
       **final,
       "best_test_accuracy": max([h["test_accuracy"] for h in history] + [final["test_accuracy"]]),
-      "epochs": config.epochs, "steps": total_steps, "model": row.model,
+      "epochs": epochs, "steps": total_steps, "model": row.model,
       "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params["student"]))) // row.peers,
       "wall_time_s": round(elapsed + time.time() - t0, 2), "history": history,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -321,12 +352,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
   dataset = data_lib.load(config.data.name, directory=config.data.dir or None)
   mesh = mesh_lib.make_mesh(replica=config.mesh.replica, data=config.mesh.data)
   results = {}
+  model_dir = lambda ref: (os.path.join(workdir, ref, "final") if ref in config.rows else ref) if ref else None
   for name in config_lib.row_order(config):
-    teacher = config.rows[name].teacher
-    teacher_dir = None
-    if teacher:
-      teacher_dir = os.path.join(workdir, teacher, "final") if teacher in config.rows else teacher
-    results[name] = train_row(name, config, dataset, mesh, workdir, teacher_dir=teacher_dir)
+    row = config.rows[name]
+    results[name] = train_row(name, config, dataset, mesh, workdir, teacher_dir=model_dir(row.teacher),
+                              init_dir=model_dir(row.init_from),
+                              ensemble_dirs=tuple(model_dir(r) for r in row.ensemble_with))
     summary = {k: v for k, v in results[name].items() if k != "history"}
     log.info("row %s: %s", name, summary)
   _write_json(os.path.join(workdir, "results.json"), results)

@@ -1,0 +1,163 @@
+"""Terms over intermediate features and relations between examples.
+
+Each term names the features it reads (`student_feature(s)`, `teacher_feature(s)`,
+e.g. "stage2" or "pre_logits"; see kd_jax.models). Trainable connectors (FitNets'
+regressor) are the term's params, trained with the student.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kd_jax import losses
+from kd_jax.distill import Term, feature, register_term
+
+
+def _pairs(student_names, teacher_names, who):
+  student_names, teacher_names = list(student_names), list(teacher_names)
+  if len(student_names) != len(teacher_names):
+    raise ValueError(f"{who}: {len(student_names)} student features {student_names} but "
+                     f"{len(teacher_names)} teacher features {teacher_names}")
+  return list(zip(student_names, teacher_names))
+
+
+class Regressor(nn.Module):
+  """FitNets' regressor from a student feature to the teacher's shape (as in the CRD code's ConvReg).
+
+  Maps [B, H, W, Cs] -> [B, H', W', Ct] (stride-2 conv, transposed conv or a
+  valid conv for the spatial change, then BatchNorm on the batch and ReLU), or
+  [B, Ds] -> [B, Dt] with a Dense layer for vector features.
+  """
+
+  teacher_shape: Sequence[int]  # one example, without the batch axis
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim == 2:
+      return nn.Dense(self.teacher_shape[-1])(x)
+    (s_h, s_w), (t_h, t_w, t_c) = x.shape[1:3], self.teacher_shape
+    if s_h == 2 * t_h:
+      x = nn.Conv(t_c, (3, 3), strides=2, padding=1)(x)
+    elif 2 * s_h == t_h:
+      x = nn.ConvTranspose(t_c, (4, 4), strides=(2, 2), padding="SAME")(x)
+    elif s_h >= t_h:
+      x = nn.Conv(t_c, (1 + s_h - t_h, 1 + s_w - t_w), padding="VALID")(x)
+    else:
+      raise ValueError(f"no regressor from spatial size {(s_h, s_w)} to {(t_h, t_w)}")
+    # Statistics of the batch: the regressor exists only in training.
+    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(x)
+    return nn.relu(x)
+
+
+@register_term("hint")
+class Hint(Term):
+  """FitNets (Romero et al. 2015): regress the teacher's feature from the student's through a regressor."""
+
+  needs_teacher = True
+
+  def __init__(self, student_feature: str = "stage2", teacher_feature: str = "stage2", regressor: bool = True):
+    self.student_feature, self.teacher_feature, self.regressor = student_feature, teacher_feature, regressor
+
+  def _regressor(self, teacher):
+    return Regressor(tuple(feature(teacher, self.teacher_feature, who="teacher").shape[1:]))
+
+  def init(self, rng, student, teacher):
+    if not self.regressor:
+      return {}, {}
+    variables = self._regressor(teacher).init(rng, feature(student, self.student_feature, who="student"))
+    return variables["params"], {}
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    s = feature(student, self.student_feature, who="student")
+    t = jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher"))
+    if self.regressor:
+      s, _ = self._regressor(teacher).apply({"params": params}, s, mutable=["batch_stats"])
+    return losses.hint_loss(s, t), state
+
+
+@register_term("at")
+class AttentionTransfer(Term):
+  """Attention transfer (Zagoruyko & Komodakis 2017), summed over matched stages."""
+
+  needs_teacher = True
+
+  def __init__(self, student_features: Sequence[str] = ("stage1", "stage2", "stage3"),
+               teacher_features: Sequence[str] = ("stage1", "stage2", "stage3"), p: float = 2.0):
+    self.pairs, self.p = _pairs(student_features, teacher_features, "at"), p
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    total = 0.0
+    for s_name, t_name in self.pairs:
+      t = jax.lax.stop_gradient(feature(teacher, t_name, who="teacher"))
+      total = total + losses.attention_transfer_loss(feature(student, s_name, who="student"), t, p=self.p)
+    return total, state
+
+
+@register_term("fsp")
+class FSP(Term):
+  """Flow of solution procedure (Yim et al. 2017) between consecutive named features."""
+
+  needs_teacher = True
+
+  def __init__(self, student_features: Sequence[str] = ("stage1", "stage2", "stage3"),
+               teacher_features: Sequence[str] = ("stage1", "stage2", "stage3")):
+    self.pairs = _pairs(student_features, teacher_features, "fsp")
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    total = 0.0
+    for (s1, t1), (s2, t2) in zip(self.pairs[:-1], self.pairs[1:]):
+      t_first = jax.lax.stop_gradient(feature(teacher, t1, who="teacher"))
+      t_second = jax.lax.stop_gradient(feature(teacher, t2, who="teacher"))
+      total = total + losses.fsp_loss(feature(student, s1, who="student"), feature(student, s2, who="student"),
+                                      t_first, t_second)
+    return total, state
+
+
+class _PairTerm(Term):
+  """A relation loss between one student feature and one teacher feature."""
+
+  needs_teacher = True
+  loss = None
+
+  def __init__(self, student_feature: str = "pre_logits", teacher_feature: str = "pre_logits"):
+    self.student_feature, self.teacher_feature = student_feature, teacher_feature
+
+  def _features(self, student, teacher):
+    return (feature(student, self.student_feature, who="student"),
+            jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher")))
+
+
+@register_term("sp")
+class SimilarityPreserving(_PairTerm):
+  """Similarity-preserving KD (Tung & Mori 2019): batch similarity matrices of a feature."""
+
+  def __init__(self, student_feature: str = "stage3", teacher_feature: str = "stage3"):
+    super().__init__(student_feature, teacher_feature)
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.similarity_preserving_loss(*self._features(student, teacher)), state
+
+
+@register_term("rkd")
+class RKD(_PairTerm):
+  """Relational KD (Park et al. 2019): distance and angle relations of embeddings."""
+
+  def __init__(self, student_feature: str = "pre_logits", teacher_feature: str = "pre_logits",
+               distance_weight: float = 25.0, angle_weight: float = 50.0):
+    super().__init__(student_feature, teacher_feature)
+    self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.rkd_loss(*self._features(student, teacher), distance_weight=self.distance_weight,
+                           angle_weight=self.angle_weight), state
+
+
+@register_term("pkt")
+class PKT(_PairTerm):
+  """Probabilistic knowledge transfer (Passalis & Tefas 2018) on embeddings."""
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.pkt_loss(*self._features(student, teacher)), state

@@ -1,0 +1,77 @@
+"""Terms over logits: cross-entropy, KD, logit matching, DKD, DIST."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import losses
+from kd_jax.distill import Term, register_term
+
+
+def teacher_logits(teacher) -> jax.Array:
+  return jax.lax.stop_gradient(teacher.logits)
+
+
+@register_term("ce")
+class CrossEntropy(Term):
+  """Cross-entropy with the true labels (optionally label-smoothed)."""
+
+  def __init__(self, label_smoothing: float = 0.0):
+    self.label_smoothing = label_smoothing
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    if self.label_smoothing:
+      return losses.cross_entropy(student.logits, batch["label"], label_smoothing=self.label_smoothing), state
+    return losses.cross_entropy(student.logits, batch["label"]), state
+
+
+@register_term("kd")
+class KD(Term):
+  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T."""
+
+  needs_teacher = True
+
+  def __init__(self, temperature: float = 4.0):
+    self.temperature = temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.kd_loss(student.logits, teacher_logits(teacher), temperature=self.temperature), state
+
+
+@register_term("logit_mse")
+class LogitMatching(Term):
+  """Ba & Caruana 2014: regress the teacher's logits (mean squared error over classes)."""
+
+  needs_teacher = True
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    diff = student.logits.astype(jnp.float32) - teacher_logits(teacher).astype(jnp.float32)
+    return jnp.mean(jnp.square(diff), axis=-1), state
+
+
+@register_term("dkd")
+class DKD(Term):
+  """Decoupled KD (Zhao et al. 2022): α·TCKD + β·NCKD; warm it up with `warmup_epochs`."""
+
+  needs_teacher = True
+
+  def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
+    self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.dkd_loss(student.logits, teacher_logits(teacher), batch["label"], alpha=self.alpha,
+                           beta=self.beta, temperature=self.temperature), state
+
+
+@register_term("dist")
+class DIST(Term):
+  """DIST (Huang et al. 2022): inter- and intra-class Pearson correlation of predictions."""
+
+  needs_teacher = True
+
+  def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
+    self.beta, self.gamma, self.temperature = beta, gamma, temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    return losses.dist_loss(student.logits, teacher_logits(teacher), beta=self.beta, gamma=self.gamma,
+                            temperature=self.temperature), state
