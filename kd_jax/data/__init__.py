@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Dataset", "load", "names", "batch_indices", "steps_per_epoch", "data_dir"]
+__all__ = ["Dataset", "load", "names", "register", "batch_indices", "steps_per_epoch", "data_dir"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +108,13 @@ _SOURCES: dict[str, Callable[[str | None], Dataset]] = {
 
 def names() -> list[str]:
   return sorted(_SOURCES)
+
+
+def register(name: str, loader: Callable[[str | None], Dataset]) -> None:
+  """Adds a dataset: `loader(directory) -> Dataset` (directory: config.data.dir or $KD_JAX_DATA_DIR)."""
+  if name in _SOURCES:
+    raise ValueError(f"dataset {name!r} is already registered")
+  _SOURCES[name] = loader
 
 
 def load(name: str, *, directory: str | None = None) -> Dataset:

@@ -1,0 +1,65 @@
+r"""The Hinton MNIST student (784-800-800-10) under the methods of the seeds, each next to the student alone.
+
+All rows share the Hinton table's teacher (784-1200-1200-10, dropout, jitter,
+max-norm) and recipe (Adam 1e-3, cosine decay, batch 128). Rows:
+  teacher, student          as in hinton_mnist.py
+  kd                        Hinton KD, T=20 (0.1 CE + 0.9 KD)
+  logit_mse                 Ba & Caruana 2014: regress the teacher's logits (0.1 CE + 1.0 MSE)
+  dkd                       Zhao et al. 2022: CE + DKD (α=1, β=8, T=4), warm-up over the first 20% of epochs
+  fitnets_hint, fitnets     Romero et al. 2015: stage 1 regresses the teacher's middle (first hidden)
+                            layer from the student's through a linear regressor (hint weight 1, short);
+                            stage 2 starts from stage 1's weights and trains with KD
+  dml                       Zhang et al. 2018: 2 students learning from each other (CE + KL), no teacher
+  codistill                 Anil et al. 2018: 2 replicas on their own data, each distilling from the
+                            other's parameters copied every 200 steps, after a burn-in of 2 epochs
+  ban_gen1, ban_gen2        Furlanello et al. 2018: generation 1 distils from `student` (same
+                            architecture), generation 2 from generation 1; gen 2 also reports the
+                            ensemble of student, gen 1 and gen 2
+  takd_assistant, takd      Mirzadeh et al. 2020: teacher -> 1000-1000 assistant -> student
+  tfkd                      Yuan et al. 2020: Tf-KD with a virtual teacher (0.9 on the true class), no teacher
+
+  python -m experiments.reproduce --config=experiments/configs/mnist_methods.py --seeds=3 --workdir=/tmp/mnist_methods
+  python -m experiments.main --config=experiments/configs/mnist_methods.py:dml --workdir=/tmp/mnist_methods
+"""
+from kd_jax.train import base_config, row
+
+
+def get_config(rows: str = ""):
+  c = base_config()
+  c.data.name = "mnist"
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 1000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  c.paper_metric = "test_errors"
+  epochs = 60
+  adam = {"name": "adam", "learning_rate": 1e-3}
+  cosine = {"name": "cosine"}
+  common = dict(optimizer=adam, schedule=cosine, epochs=epochs)
+  student = dict(model="mlp_800", **common)
+  kd = {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}}
+
+  c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, augment="jitter", max_norm=3.5, paper=67, **common)
+  c.rows.student = row(terms={"ce": {}}, paper=146, **student)
+  c.rows.kd = row(teacher="teacher", terms=kd, paper=74, **student)
+  c.rows.logit_mse = row(teacher="teacher", terms={"ce": {"weight": 0.1}, "logit_mse": {"weight": 1.0}}, **student)
+  c.rows.dkd = row(teacher="teacher", **student, terms={
+      "ce": {}, "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": epochs // 5}})
+  c.rows.fitnets_hint = row(model="mlp_800", teacher="teacher", optimizer=adam, schedule=cosine,
+                            epochs=max(1, epochs // 6),
+                            terms={"hint": {"student_feature": "stage1", "teacher_feature": "stage1"}})
+  c.rows.fitnets = row(teacher="teacher", init_from="fitnets_hint", terms=kd, **student)
+  c.rows.dml = row(peers=2, exchange="predictions", terms={"ce": {}, "dml": {"temperature": 1.0}}, **student)
+  c.rows.codistill = row(peers=2, exchange="stale", exchange_every_steps=200, **student,
+                         terms={"ce": {}, "codistill": {"temperature": 1.0, "start_epoch": 2}})
+  c.rows.ban_gen1 = row(teacher="student", terms=kd, **student)
+  c.rows.ban_gen2 = row(teacher="ban_gen1", terms=kd, ensemble_with=["student", "ban_gen1"], **student)
+  c.rows.takd_assistant = row(model="mlp", model_kwargs={"widths": [1000, 1000]}, teacher="teacher", terms=kd,
+                              **common)
+  c.rows.takd = row(teacher="takd_assistant", terms=kd, **student)
+  c.rows.tfkd = row(terms={"ce": {"weight": 0.1}, "tfkd": {"weight": 0.9, "correct_probability": 0.9,
+                                                           "temperature": 20.0}}, **student)
+  if rows:
+    from experiments.configs import select_rows
+    select_rows(c, rows)
+  return c

@@ -1,0 +1,131 @@
+"""Every method term through the one engine: digits MLP tables and CIFAR-shaped ResNets."""
+import copy
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax import data, distill, train
+from kd_jax.train import checkpoint
+from experiments.configs import mnist_methods
+
+
+def _synthetic_cifar(directory):
+  del directory
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 80).astype(np.int32)
+  # Class-dependent colour so a few steps can learn something.
+  images = (rng.integers(0, 60, (80, 32, 32, 3)) + labels[:, None, None, None] * 19).astype(np.uint8)
+  return data.Dataset("synthetic_cifar", images[:64], labels[:64], images[64:], labels[64:], num_classes=10)
+
+
+if "synthetic_cifar" not in data.names():
+  data.register("synthetic_cifar", _synthetic_cifar)
+
+
+def digits_table():
+  """The MNIST method table on digits, one epoch per row (same rows, same terms)."""
+  config = mnist_methods.get_config()
+  config.data.name = "digits"
+  config.data.batch_size = 64
+  config.data.eval_batch_size = 360
+  config.epochs = 1
+  config.progress = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def digits_results(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits_table"))
+  return workdir, train.run(digits_table(), workdir)
+
+
+def test_every_row_of_the_mnist_method_table_trains(digits_results):
+  _, results = digits_results
+  assert set(results) == set(digits_table().rows)
+  for name, result in results.items():
+    assert np.isfinite(result["test_loss"]), name
+    assert result["test_accuracy"] > 0.3, (name, result["test_accuracy"])  # 22 steps; chance is 0.1
+
+
+def test_ban_reports_the_ensemble_of_generations(digits_results):
+  workdir, results = digits_results
+  gen2 = results["ban_gen2"]
+  assert 0.3 < gen2["ensemble_test_accuracy"] <= 1.0
+  assert len(results["dml"]["peer_test_accuracy"]) == 2 and len(results["codistill"]["peer_test_accuracy"]) == 2
+
+
+def test_fitnets_stage_two_starts_from_stage_one(digits_results, tmp_path):
+  workdir, _ = digits_results
+  config = digits_table()
+  hint = checkpoint.load_model(os.path.join(workdir, "fitnets_hint", "final"))[0]
+  # A second stage with a zero learning rate must end exactly where the first stage ended.
+  config.rows.fitnets.optimizer.learning_rate = 0.0
+  from experiments.configs import select_rows
+  select_rows(config, "fitnets")
+  for name in ("teacher", "fitnets_hint"):
+    os.symlink(os.path.join(workdir, name), str(tmp_path / name))
+  train.run(config, str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.load_model(str(tmp_path / "fitnets" / "final"))[0], hint)
+
+
+def test_init_from_another_model_is_refused(digits_results, tmp_path):
+  workdir, _ = digits_results
+  config = digits_table()
+  from experiments.configs import select_rows
+  select_rows(config, "student")
+  config.rows.student.init_from = os.path.join(workdir, "teacher", "final")
+  with pytest.raises(ValueError, match=r"init_from .* holds a mlp_1200 .* but the row trains a mlp_800"):
+    train.run(config, str(tmp_path))
+
+
+def test_missing_feature_lists_the_available_ones(tmp_path):
+  config = digits_table()
+  from experiments.configs import select_rows
+  select_rows(config, "fitnets_hint")
+  config.rows.fitnets_hint.terms.hint.student_feature = "stage7"
+  with pytest.raises(KeyError, match=r"the student has no feature 'stage7'; available features: \['pre_logits', "):
+    train.run(config, str(tmp_path))
+
+
+def cifar_table():
+  config = train.base_config()
+  config.data.name = "synthetic_cifar"
+  config.data.batch_size = 32
+  config.data.eval_batch_size = 16
+  config.epochs = 1
+  config.progress = False
+  sgd = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+  config.rows.teacher = train.row(model="resnet32x4", terms={"ce": {}}, optimizer=sgd)
+  stages = ["stage1", "stage2", "stage3"]
+  methods = {
+      "kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
+      "at": {"ce": {}, "at": {"weight": 1000.0, "student_features": stages, "teacher_features": stages}},
+      "hint": {"ce": {}, "hint": {"weight": 100.0, "student_feature": "stage2", "teacher_feature": "stage2"}},
+      "sp": {"ce": {}, "sp": {"weight": 3000.0}},
+      "rkd": {"ce": {}, "rkd": {}},
+      "pkt": {"ce": {}, "pkt": {"weight": 30000.0}},
+      "dkd": {"ce": {}, "dkd": {"warmup_epochs": 1}},
+      "dist": {"ce": {}, "dist": {}},
+  }
+  for name, terms in methods.items():
+    config.rows[name] = train.row(model="resnet8x4", teacher="teacher", terms=terms, optimizer=sgd)
+  return config
+
+
+@pytest.mark.slow
+def test_cifar_resnets_train_under_every_method(tmp_path):
+  results = train.run(cifar_table(), str(tmp_path))
+  for name, result in results.items():
+    assert np.isfinite(result["test_loss"]), name
+
+
+def test_resnet32x4_to_resnet8x4_kd_step_on_eight_devices(tmp_path):
+  config = cifar_table()
+  from experiments.configs import select_rows
+  select_rows(config, "kd")
+  results = train.run(config, str(tmp_path))
+  assert set(results) == {"teacher", "kd"}
+  assert all(np.isfinite(r["test_loss"]) for r in results.values())
+  assert results["kd"]["num_params"] == 1_233_540 - (256 * 90 + 90)  # 10 classes here, 100 in the paper table
