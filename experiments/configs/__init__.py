@@ -2,11 +2,15 @@
 
 
 def select_rows(config, rows: str) -> None:
-  """Keeps the comma-separated `rows` of `config` and the teacher rows they need."""
-  wanted = [r for r in rows.split(",") if r]
-  unknown = [r for r in wanted if r not in config.rows]
+  """Keeps the comma-separated `rows` of `config` (shell-style patterns allowed, e.g.
+  `resnet32x4__resnet8x4__*`) and the rows they depend on (teachers, earlier stages)."""
+  import fnmatch
+
+  patterns = [r for r in rows.split(",") if r]
+  unknown = [p for p in patterns if not fnmatch.filter(list(config.rows), p)]
   if unknown:
     raise ValueError(f"unknown row(s) {unknown}; this config has rows {list(config.rows)}")
+  wanted = [name for name in config.rows if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
   from kd_jax.train.config import dependencies
 
   keep = set()

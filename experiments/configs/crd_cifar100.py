@@ -1,0 +1,111 @@
+r"""The CIFAR-100 benchmark of Tian et al. 2020 (CRD), Tables 1 and 2: 13 teacher/student pairs x 14 methods.
+
+The recipe of the paper's code: SGD momentum 0.9, weight decay 5e-4, batch 64,
+240 epochs, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students) x0.1 at epochs
+150/180/210, random crop (4-pixel padding) + flip, T=4. Loss weights of that
+code: CE 1 (0.1 with KD), KD 0.9, FitNet 100, AT 1000, SP 3000, CC 0.02, VID 1,
+RKD 1, PKT 30000, AB 1, FT 200, FSP 50, NST 50, CRD 0.8 (CRD+KD: KD 1, CRD 0.8).
+AB and FSP start with a 30-epoch initialisation stage (a row `..._init` that the
+method row continues with `init_from`). Teachers are trained here with the same
+recipe (rows `teacher__<arch>`), or point a method row's `teacher` at a trained
+model directory. Row names: `<teacher>__<student>__<method>`.
+
+The paper's figures (top-1 %, from the CRD paper / RepDistiller README) are each
+row's `paper` field; CRD+KD from the paper's tables.
+
+  # one table row on a TPU VM (CIFAR-100 through TFDS):
+  python -m experiments.main --config=experiments/configs/crd_cifar100.py:resnet32x4__resnet8x4__crd --workdir=$W
+  # every method for one pair, 3 seeds, report paper vs ours:
+  python -m experiments.reproduce --config='experiments/configs/crd_cifar100.py:resnet32x4__resnet8x4__*' \
+      --seeds=3 --workdir=$W
+"""
+from kd_jax.train import base_config, row
+
+PAIRS = {  # (teacher, student): paper's teacher and student-alone accuracy
+    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26),
+    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98),
+    ("resnet56", "resnet20"): (72.34, 69.06),
+    ("resnet110", "resnet20"): (74.31, 69.06),
+    ("resnet110", "resnet32"): (74.31, 71.14),
+    ("resnet32x4", "resnet8x4"): (79.42, 72.50),
+    ("vgg13", "vgg8"): (74.64, 70.36),
+    ("vgg13", "MobileNetV2"): (74.64, 64.60),
+    ("ResNet50", "MobileNetV2"): (79.34, 64.60),
+    ("ResNet50", "vgg8"): (79.34, 70.36),
+    ("resnet32x4", "ShuffleV1"): (79.42, 70.50),
+    ("resnet32x4", "ShuffleV2"): (79.42, 71.82),
+    ("wrn_40_2", "ShuffleV1"): (75.61, 70.50),
+}
+# The paper's student accuracy per method, in the order of PAIRS (None: not reported).
+PAPER = {
+    "kd": [74.92, 73.54, 70.66, 70.67, 73.08, 73.33, 72.98, 67.37, 67.35, 73.81, 74.07, 74.45, 74.83],
+    "fitnet": [73.58, 72.24, 69.21, 68.99, 71.06, 73.50, 71.02, 64.14, 63.16, 70.69, 73.59, 73.54, 73.73],
+    "at": [74.08, 72.77, 70.55, 70.22, 72.31, 73.44, 71.43, 59.40, 58.58, 71.84, 71.73, 72.73, 73.32],
+    "sp": [73.83, 72.43, 69.67, 70.04, 72.69, 72.94, 72.68, 66.30, 68.08, 73.34, 73.48, 74.56, 74.52],
+    "cc": [73.56, 72.21, 69.63, 69.48, 71.48, 72.97, 70.71, 64.86, 65.43, 70.25, 71.14, 71.29, 71.38],
+    "vid": [74.11, 73.30, 70.38, 70.16, 72.61, 73.09, 71.23, 65.56, 67.57, 70.30, 73.38, 73.40, 73.61],
+    "rkd": [73.35, 72.22, 69.61, 69.25, 71.82, 71.90, 71.48, 64.52, 64.43, 71.50, 72.28, 73.21, 72.21],
+    "pkt": [74.54, 73.45, 70.34, 70.25, 72.61, 73.64, 72.88, 67.13, 66.52, 73.01, 74.10, 74.69, 73.89],
+    "ab": [72.50, 72.38, 69.47, 69.53, 70.98, 73.17, 70.94, 66.06, 67.20, 70.65, 73.55, 74.31, 73.34],
+    "ft": [73.25, 71.59, 69.84, 70.22, 72.37, 72.86, 70.58, 61.78, 60.99, 70.29, 71.75, 72.50, 72.03],
+    "fsp": [72.91, None, 69.95, 70.11, 71.89, 72.62, 70.23, None, None, None, None, None, None],
+    "nst": [73.68, 72.24, 69.60, 69.53, 71.96, 73.30, 71.53, 58.16, 64.96, 71.28, 74.12, 74.68, 74.89],
+    "crd": [75.48, 74.14, 71.16, 71.46, 73.48, 75.51, 73.94, 69.73, 69.11, 74.30, 75.11, 75.65, 76.05],
+    "crd_kd": [75.64, 74.38, 71.63, 71.56, 73.75, 75.46, 74.29, 69.94, 69.54, 74.58, 75.12, 76.05, 76.27],
+}
+STAGES = ("stage1", "stage2", "stage3")
+
+
+def method_terms(method: str) -> dict:
+  """The loss terms of `method` with the weights of the paper's code."""
+  ce = {"ce": {"weight": 1.0}}
+  return {
+      "kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
+      "fitnet": {**ce, "hint": {"weight": 100.0, "student_feature": "stage2", "teacher_feature": "stage2"}},
+      "at": {**ce, "at": {"weight": 1000.0}},
+      "sp": {**ce, "sp": {"weight": 3000.0}},
+      "cc": {**ce, "cc": {"weight": 0.02}},
+      "vid": {**ce, "vid": {"weight": 1.0}},
+      "rkd": {**ce, "rkd": {"weight": 1.0}},
+      "pkt": {**ce, "pkt": {"weight": 30000.0}},
+      "ab": {**ce},  # AB's knowledge is transferred by its initialisation stage
+      "ab_init": {"ab": {"weight": 1.0}},
+      "ft": {**ce, "ft": {"weight": 200.0}},
+      "fsp": {**ce},  # likewise FSP
+      "fsp_init": {"fsp": {"weight": 50.0}},
+      "nst": {**ce, "nst": {"weight": 50.0}},
+      "crd": {**ce, "crd": {"weight": 0.8}},
+      "crd_kd": {**ce, "kd": {"weight": 1.0, "temperature": 4.0}, "crd": {"weight": 0.8}},
+  }[method]
+
+
+def _recipe(student: str, epochs: int = 240):
+  small = student.startswith(("MobileNet", "Shuffle"))
+  sgd = {"name": "sgd", "learning_rate": 0.01 if small else 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+  steps = {"name": "step", "boundaries": [150 * epochs / 240, 180 * epochs / 240, 210 * epochs / 240],
+           "factor": 0.1}
+  return dict(optimizer=sgd, schedule=steps, epochs=epochs, augment="crop_flip")
+
+
+def get_config(rows: str = ""):
+  c = base_config()
+  c.data.name = "cifar100"
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 1000
+  c.log_every_steps = 200
+  c.checkpoint_every_steps = 5000
+  for index, ((teacher, student), (teacher_paper, student_paper)) in enumerate(PAIRS.items()):
+    c.rows[f"teacher__{teacher}"] = row(model=teacher, terms={"ce": {}}, paper=teacher_paper, **_recipe(teacher))
+    c.rows[f"student__{student}"] = row(model=student, terms={"ce": {}}, paper=student_paper, **_recipe(student))
+    for method, figures in PAPER.items():
+      name = f"{teacher}__{student}__{method}"
+      common = dict(model=student, teacher=f"teacher__{teacher}", paper=figures[index] or "")
+      if method in ("ab", "fsp"):
+        c.rows[f"{name}_init"] = row(terms=method_terms(f"{method}_init"), **{**common, "paper": ""},
+                                     **_recipe(student, epochs=30))
+        common["init_from"] = f"{name}_init"
+      c.rows[name] = row(terms=method_terms(method), **common, **_recipe(student))
+  if rows:
+    from experiments.configs import select_rows
+    select_rows(c, rows)
+  return c
