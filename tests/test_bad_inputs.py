@@ -1,0 +1,161 @@
+"""A table of bad inputs across configs, models, data and the engine: each a clear error naming the culprit."""
+import gzip
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax import data, distill, losses, models, train
+from kd_jax.data import augment, mnist
+from kd_jax.train import checkpoint, engine, mesh as mesh_lib, optim
+from experiments.configs import select_rows
+
+
+def config(**changes):
+  c = train.base_config()
+  c.epochs = 1
+  c.data.name = "digits"
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 360
+  c.progress = False
+  c.rows.teacher = train.row(model="mlp", model_kwargs={"widths": [16]}, terms={"ce": {}})
+  c.rows.student = train.row(model="mlp", model_kwargs={"widths": [8]}, teacher="teacher",
+                             terms={"ce": {}, "kd": {"temperature": 4.0}})
+  with c.unlocked():
+    for dotted, value in changes.items():
+      target = c
+      *parents, last = dotted.split(".")
+      for part in parents:
+        target = target[part]
+      target[last] = value
+  return c
+
+
+def run(c):
+  return lambda tmp: train.run(c, str(tmp))
+
+
+def trained_model(tmp, *, classes=10, shape=(8, 8, 1), model="mlp"):
+  module = models.create(model, num_classes=classes, widths=[8])
+  variables = module.init(jax.random.PRNGKey(0), np.zeros((1,) + shape, np.float32))
+  path = str(tmp / f"model_{classes}_{shape[0]}")
+  checkpoint.save_model(path, variables, {"model": model, "model_kwargs": {"widths": [8]}, "num_classes": classes,
+                                          "input_shape": list(shape)})
+  return path
+
+
+def corrupt_mnist(tmp):
+  shared = os.path.join(os.environ.get("KD_JAX_DATA_DIR", ""), "mnist")
+  if not os.path.isdir(shared):
+    pytest.skip("no local MNIST")
+  shutil.copytree(shared, tmp / "mnist")
+  path = tmp / "mnist" / "train-labels-idx1-ubyte.gz"
+  raw = bytearray(gzip.decompress(path.read_bytes()))
+  raw[50] ^= 1
+  path.write_bytes(gzip.compress(bytes(raw)))
+  return lambda: data.load("mnist", directory=str(tmp))
+
+
+def with_teacher_dir(make_dir, **changes):
+  def case(tmp):
+    c = config(**changes)
+    select_rows(c, "student")
+    c.rows.student.teacher = make_dir(tmp)
+    train.run(c, str(tmp / "run"))
+  return case
+
+
+CASES = {
+    # --- configs ---
+    "top-level key typo": (run(config(epoch=3)), ValueError, r"unknown config key 'epoch' \(did you mean 'epochs'"),
+    "row key typo": (run(config(**{"rows.teacher.modle": "mlp"})), ValueError, r"rows.teacher.'modle'.*'model'"),
+    "optimizer key typo": (run(config(**{"rows.teacher.optimizer.lr": 0.1})), ValueError,
+                           r"rows.teacher.optimizer.'lr'"),
+    "schedule key typo": (run(config(**{"rows.teacher.schedule.boundary": [1]})), ValueError,
+                          r"rows.teacher.schedule.'boundary'.*'boundaries'"),
+    "data key typo": (run(config(**{"data.batchsize": 32})), ValueError, r"data.'batchsize'.*'batch_size'"),
+    "unknown model": (run(config(**{"rows.teacher.model": "resnet33"})), ValueError,
+                      r"unknown model 'resnet33'. Did you mean .*Known models"),
+    "unknown dataset": (run(config(**{"data.name": "cifar1000"})), ValueError,
+                        r"unknown dataset 'cifar1000'.*'cifar100'"),
+    "unknown loss term": (run(config(**{"rows.student.terms": {"fitnet": {}}})), ValueError,
+                          r"unknown loss term 'fitnet'"),
+    "unknown term option": (run(config(**{"rows.student.terms": {"kd": {"temp": 4.0}}})), ValueError,
+                            r"loss term 'kd' got unknown option\(s\) \['temp'\]; it accepts \['temperature'\]"),
+    "term weight not a number": (run(config(**{"rows.student.terms": {"kd": {"weight": "0.9"}}})), ValueError,
+                                 r"loss term 'kd': weight must be a number, got '0.9'"),
+    "negative epochs": (run(config(epochs=-2)), ValueError, r"epochs must be a non-negative int, got -2"),
+    "row without epochs": (run(config(epochs=0)), ValueError, r"row 'teacher' has no epochs"),
+    "batch not divisible by devices": (run(config(**{"data.batch_size": 20})), ValueError,
+                                       r"data.batch_size 20 is not divisible by the 8 devices"),
+    "eval batch not divisible": (run(config(**{"data.eval_batch_size": 100})), ValueError,
+                                 r"data.eval_batch_size 100 is not divisible"),
+    "batch larger than the data": (run(config(**{"data.batch_size": 4096})), ValueError,
+                                   r"batch size 4096 is larger than the 1437 training examples"),
+    "non-positive log interval": (run(config(log_every_steps=0)), ValueError, r"log_every_steps must be positive, got 0"),
+    "teacher cycle": (run(config(**{"rows.teacher.teacher": "student"})), ValueError,
+                      r"teacher cycle among rows: .*student.*teacher"),
+    "row is its own teacher": (run(config(**{"rows.teacher.teacher": "teacher"})), ValueError,
+                               r"row 'teacher' names itself as its teacher"),
+    "ensemble with an unknown row": (run(config(**{"rows.student.ensemble_with": ["gen9"]})), ValueError,
+                                     r"ensemble_with names 'gen9'"),
+    "teacher term without teacher": (run(config(**{"rows.student.teacher": ""})), ValueError,
+                                     r"row 'student' uses a teacher .* rows.student.teacher is empty"),
+    "teacher with other class count": (with_teacher_dir(lambda t: trained_model(t, classes=7)), ValueError,
+                                       r"has 7 classes, but dataset 'digits' has 10"),
+    "teacher with other input shape": (with_teacher_dir(lambda t: trained_model(t, shape=(28, 28, 1))), ValueError,
+                                       r"inputs of shape \(28, 28, 1\), but dataset 'digits' has \(8, 8, 1\)"),
+    "teacher directory without a model": (with_teacher_dir(lambda t: str(t)), FileNotFoundError,
+                                          r"no trained model in .* \(missing model.json\)"),
+    "model made for other inputs": (run(config(**{"rows.teacher.model": "resnet8", "rows.teacher.model_kwargs": {}})),
+                                    ValueError, r"model 'resnet8' takes inputs \(32, 32, 3\), but dataset 'digits'"),
+    "missing feature": (run(config(**{"rows.student.terms": {"hint": {"student_feature": "stage9",
+                                                                      "teacher_feature": "stage1"}}})), KeyError,
+                        r"the student has no feature 'stage9'; available features"),
+    "peers not fitting the replica axis": (
+        run(config(**{"mesh.replica": 2, "mesh.data": 4, "rows.teacher.peers": 3})), ValueError,
+        r"3 peers cannot be spread over mesh.replica=2"),
+    "mesh larger than the devices": (run(config(**{"mesh.replica": 4, "mesh.data": 4})), ValueError,
+                                     r"mesh replica=4 x data=4 = 16 devices, but 8 are available"),
+    "online term without peers": (run(config(**{"rows.teacher.terms": {"dml": {}}})), ValueError,
+                                  r"an online term .* needs peers >= 2"),
+    "unknown exchange mode": (run(config(**{"rows.teacher.peers": 2, "rows.teacher.exchange.mode": "gossip"})),
+                              ValueError, r"unknown exchange mode 'gossip'"),
+    "unknown optimizer": (run(config(**{"rows.teacher.optimizer.name": "lamb"})), ValueError,
+                          r"unknown optimizer 'lamb'"),
+    "unknown schedule": (run(config(**{"rows.teacher.schedule.name": "linear"})), ValueError,
+                         r"unknown schedule 'linear'"),
+    "unknown augmentation": (run(config(**{"rows.teacher.augment": "mixup"})), ValueError,
+                             r"unknown augmentation 'mixup'"),
+    "unknown table row": (lambda tmp: select_rows(config(), "studnet"), ValueError, r"unknown row\(s\) \['studnet'\]"),
+    "unknown model name at the API": (lambda tmp: models.create("wrn_40_3", num_classes=10), ValueError,
+                                      r"unknown model 'wrn_40_3'"),
+    "non-positive class count": (lambda tmp: models.create("mlp", num_classes=0), ValueError,
+                                 r"num_classes must be a positive int, got 0"),
+    # --- data ---
+    "missing data directory": (run(config(**{"data.name": "mnist", "data.dir": "/nonexistent/kd_jax"})),
+                               FileNotFoundError, r"MNIST files missing from '/nonexistent/kd_jax/mnist'"),
+    "corrupt IDX file": (lambda tmp: corrupt_mnist(tmp)(), ValueError,
+                         r"train-labels-idx1-ubyte.gz is corrupt: md5 .*, expected c65e051d"),
+    "dataset labels out of range": (
+        lambda tmp: data.Dataset("x", np.zeros((2, 1, 1, 1), np.uint8), np.array([0, 12], np.int32),
+                                 np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.int32), num_classes=10),
+        ValueError, r"x: train labels outside \[0, 10\)"),
+    "float images for a uint8 dataset": (
+        lambda tmp: data.Dataset("x", np.zeros((2, 1, 1, 1), np.float32), np.zeros(2, np.int32),
+                                 np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.int32), num_classes=10),
+        ValueError, r"x: train images must be uint8 \[N, H, W, C\], got float32"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_a_clear_error(name, tmp_path):
+  make_error, error_type, message = CASES[name]
+  with pytest.raises(error_type, match=message):
+    make_error(tmp_path)
+
+
+def test_the_table_is_large_enough():
+  assert len(CASES) >= 30
