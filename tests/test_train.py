@@ -177,3 +177,21 @@ def test_teacher_term_without_a_teacher(tmp_path):
   config.rows.student_kd.teacher = ""
   with pytest.raises(ValueError, match=r"row 'student_kd' uses a teacher .* rows.student_kd.teacher is empty"):
     train.run(config, str(tmp_path))
+
+
+def test_teacher_cache_gives_the_same_run_as_the_teacher_forward(reference_run, tmp_path):
+  workdir, _ = reference_run
+  config = tiny_config()
+  config.rows.student_kd.cache_teacher = True
+  os.symlink(os.path.join(workdir, "teacher"), str(tmp_path / "teacher"))
+  train.run(config, str(tmp_path))
+  cached, direct = read_metrics(str(tmp_path), "student_kd"), read_metrics(workdir, "student_kd")
+  np.testing.assert_allclose([m["loss/kd"] for m in cached], [m["loss/kd"] for m in direct], rtol=1e-5)
+
+
+def test_teacher_cache_with_random_augmentation_is_refused(tmp_path):
+  config = tiny_config()
+  config.rows.student_kd.cache_teacher = True
+  config.rows.student_kd.augment = "jitter"
+  with pytest.raises(ValueError, match="a teacher cache needs un-augmented inputs, but augment='jitter'"):
+    train.run(config, str(tmp_path))

@@ -51,7 +51,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         model_kwargs: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
         schedule: Mapping[str, Any] | None = None, augment: str = "none", max_norm: float = 0.0,
         peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
-        init_from: str = "", ensemble_with: Sequence[str] = (), paper: float | str = "") -> ml_collections.ConfigDict:
+        init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
+        paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
   peers: K models trained together (online methods: DML, co-distillation), laid
@@ -62,6 +63,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
   init_from: a row (or trained-model directory) whose weights start this row.
   ensemble_with: rows whose models are ensembled with this one at the end
     (born-again networks' ensemble of generations).
+  cache_teacher: compute the teacher's logits on the train set once and read
+    them each step (logit methods on un-augmented inputs only).
   """
   opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
   opt.update(optimizer or {})
@@ -72,7 +75,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "terms": {k: dict(v) for k, v in terms.items()}, "optimizer": opt, "schedule": sched,
       "augment": augment, "max_norm": float(max_norm), "peers": peers,
       "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
-      "init_from": init_from, "ensemble_with": list(ensemble_with), "paper": paper,
+      "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
+      "paper": paper,
   })
 
 

@@ -73,6 +73,9 @@ class StepSpec:
   peers: int = 1
   exchange: str = "none"
   exchange_every: int = 1
+  # Read the teacher's logits from a cache over the train set (teacher_variables =
+  # {"cache": [N, classes]}) instead of running it: inputs must not be augmented.
+  teacher_cache: bool = False
 
   def __post_init__(self):
     if self.exchange not in EXCHANGES:
@@ -88,6 +91,9 @@ class StepSpec:
       raise ValueError("a run learns from a teacher or from its peers, not both")
     if self.exchange_every < 1:
       raise ValueError(f"exchange_every must be >= 1, got {self.exchange_every}")
+    if self.teacher_cache and self.augment != "none":
+      raise ValueError(f"a teacher cache needs un-augmented inputs, but augment={self.augment!r}: the teacher "
+                       "must see each step's random augmentation")
 
   @property
   def streams(self) -> int:
@@ -109,7 +115,11 @@ def unstack(tree, k: int = 0):
   return jax.tree.map(lambda x: x[k], tree)
 
 
-def teacher_outputs(spec: StepSpec, teacher_variables, images) -> Outputs | None:
+def teacher_outputs(spec: StepSpec, teacher_variables, images, indices=None) -> Outputs | None:
+  if spec.teacher_cache:
+    if indices is None:  # at init: only the shape matters
+      return Outputs(jnp.zeros((images.shape[0], teacher_variables["cache"].shape[-1]), jnp.float32))
+    return Outputs(jax.lax.stop_gradient(teacher_variables["cache"][indices]))
   if spec.teacher is None:
     return None
   logits, features = spec.teacher.apply(teacher_variables, images, train=False, return_features=True)
@@ -174,7 +184,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
   # Per-peer inputs: the shared stream broadcast to every peer, or each peer's own stream.
   stream_axis = 0 if spec.streams > 1 else None
   pick = lambda x: x if spec.streams > 1 else x[0]
-  teacher = teacher_outputs(spec, teacher_variables, pick(images))
+  teacher = teacher_outputs(spec, teacher_variables, pick(images), pick(batch["index"]))
 
   if spec.exchange == "stale":
     def peer_predictions(params, batch_stats, peer_images):
@@ -292,4 +302,12 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh):
 
   # Variables keep the sharding they were trained with (peers split over "replica").
   return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=mesh_lib.replicated(mesh))
+
+
+def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh):
+  """`logits(teacher_variables, batch) -> [B, classes]` in inference mode, for the teacher cache."""
+  return jax.jit(lambda variables, batch: teacher.apply(
+      variables, normalize(batch["image"].astype(jnp.float32)), train=False).astype(jnp.float32),
+                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

@@ -169,6 +169,14 @@ def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, ba
   return totals["ensemble_test_accuracy"]
 
 
+def _teacher_cache(teacher, teacher_variables, dataset, normalize, mesh, batch_size: int) -> jax.Array:
+  """The teacher's logits on every training example, [N, classes], computed once."""
+  logits_fn = engine.make_teacher_logits(teacher, normalize, mesh)
+  chunks = [logits_fn(teacher_variables, mesh_lib.put_batch(batch, mesh_lib.batch_sharding(mesh)))
+            for batch in _padded_split(dataset.train_images, dataset.train_labels, batch_size)]
+  return jnp.concatenate(chunks)[:dataset.num_train]
+
+
 def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Dataset, mesh, workdir: str,
               *, teacher_dir: str | None = None, init_dir: str | None = None,
               ensemble_dirs: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -210,10 +218,16 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   spec = engine.StepSpec(
       student=student, objective=objective, optimizer=optim.make_optimizer(row.optimizer, schedule),
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
-      peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps)
+      peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
+      teacher_cache=row.cache_teacher)
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
+  if row.cache_teacher:
+    if teacher is None:
+      raise ValueError(f"row {name!r}: cache_teacher is set but the row has no teacher")
+    teacher_variables = {"cache": _teacher_cache(teacher, teacher_variables, dataset, normalize, mesh,
+                                                 config.data.eval_batch_size)}
   example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, jnp.uint8)
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
