@@ -17,6 +17,9 @@ max-norm) and recipe (Adam 1e-3, cosine decay, batch 128). Rows:
                             ensemble of student, gen 1 and gen 2
   takd_assistant, takd      Mirzadeh et al. 2020: teacher -> 1000-1000 assistant -> student
   tfkd                      Yuan et al. 2020: Tf-KD with a virtual teacher (0.9 on the true class), no teacher
+  wd_generate, wd           weight distillation: phase 1 trains a generator of the student's weights from
+                            the teacher's with KD through the generated student; phase 2 fine-tunes the
+                            generated student with KD (kd_jax/distill/weight_distillation.py)
 
   python -m experiments.reproduce --config=experiments/configs/mnist_methods.py --seeds=3 --workdir=/tmp/mnist_methods
   python -m experiments.main --config=experiments/configs/mnist_methods.py:dml --workdir=/tmp/mnist_methods
@@ -59,6 +62,9 @@ def get_config(rows: str = ""):
   c.rows.takd = row(teacher="takd_assistant", terms=kd, **student)
   c.rows.tfkd = row(terms={"ce": {"weight": 0.1}, "tfkd": {"weight": 0.9, "correct_probability": 0.9,
                                                            "temperature": 20.0}}, **student)
+  c.rows.wd_generate = row(model="mlp_800", teacher="teacher", weight_generator=True, terms=kd, optimizer=adam,
+                           schedule=cosine, epochs=max(1, epochs // 6))
+  c.rows.wd = row(teacher="teacher", init_from="wd_generate", terms=kd, **student)
   if rows:
     from experiments.configs import select_rows
     select_rows(c, rows)

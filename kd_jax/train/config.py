@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # checkpoint frequency, progress bar) may change freely between restarts.
 _RUN_KEYS = ("seed", "data.name", "data.batch_size")
 _ROW_KEYS = ("model", "model_kwargs", "terms", "teacher", "optimizer", "schedule", "augment", "max_norm", "peers",
-             "exchange", "init_from")
+             "exchange", "init_from", "weight_generator")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +52,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         schedule: Mapping[str, Any] | None = None, augment: str = "none", max_norm: float = 0.0,
         peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
         init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
+        weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
         paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
@@ -65,6 +66,9 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
     them each step (logit methods on un-augmented inputs only).
+  weight_generator: weight distillation's phase 1: train a generator of the
+    student's weights from the teacher's (kd_jax.distill.weight_distillation);
+    `layer_pattern` finds the layer index in a param path.
   """
   opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
   opt.update(optimizer or {})
@@ -76,7 +80,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "augment": augment, "max_norm": float(max_norm), "peers": peers,
       "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
       "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
-      "paper": paper,
+      "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern}, "paper": paper,
   })
 
 
@@ -118,6 +122,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_keys(r.optimizer, example.optimizer, f"rows.{name}.optimizer.")
     _check_keys(r.schedule, example.schedule, f"rows.{name}.schedule.")
     _check_keys(r.exchange, example.exchange, f"rows.{name}.exchange.")
+    _check_keys(r.weight_generator, example.weight_generator, f"rows.{name}.weight_generator.")
     models.spec(r.model)  # unknown model: error listing the known ones
     if r.teacher == name:
       raise ValueError(f"row {name!r} names itself as its teacher")

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kd_jax import losses
 from kd_jax.data import augment as augment_lib
 from kd_jax.distill import Objective, Outputs
+from kd_jax.distill import weight_distillation
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
 
@@ -76,6 +77,9 @@ class StepSpec:
   # Read the teacher's logits from a cache over the train set (teacher_variables =
   # {"cache": [N, classes]}) instead of running it: inputs must not be augmented.
   teacher_cache: bool = False
+  # Weight distillation, phase 1: the trained params are a generator of the
+  # student's weights from the teacher's (a plan from weight_distillation.make_plan).
+  generator: tuple[weight_distillation.Group, ...] | None = None
 
   def __post_init__(self):
     if self.exchange not in EXCHANGES:
@@ -91,6 +95,9 @@ class StepSpec:
       raise ValueError("a run learns from a teacher or from its peers, not both")
     if self.exchange_every < 1:
       raise ValueError(f"exchange_every must be >= 1, got {self.exchange_every}")
+    if self.generator is not None and (self.teacher is None or self.peers > 1 or self.teacher_cache):
+      raise ValueError("a weight generator needs a teacher (its weights are the generator's input), "
+                       "a single peer and no teacher cache")
     if self.teacher_cache and self.augment != "none":
       raise ValueError(f"a teacher cache needs un-augmented inputs, but augment={self.augment!r}: the teacher "
                        "must see each step's random augmentation")
@@ -108,6 +115,13 @@ def value_names(spec: StepSpec) -> tuple[str, ...]:
 
 def _variables(params, batch_stats):
   return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
+def student_params(spec: StepSpec, params, teacher_variables):
+  """The student module's params: `params` itself, or generated from the teacher's by the generator."""
+  if spec.generator is None:
+    return params
+  return weight_distillation.generate(params, teacher_variables["params"], spec.generator)
 
 
 def unstack(tree, k: int = 0):
@@ -151,6 +165,8 @@ def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images
     return variables["params"], variables.get("batch_stats", {}), term_params, method_state
 
   student, batch_stats, term_params, method_state = jax.vmap(init_peer)(_peer_rngs(rng, spec.peers))
+  if spec.generator is not None:
+    student = jax.tree.map(lambda x: x[None], weight_distillation.init_generator(spec.generator))
   params = {"student": student, "terms": term_params}
   exchange = {"params": student, "batch_stats": batch_stats} if spec.exchange == "stale" else {}
   return TrainState(
@@ -199,7 +215,8 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
 
   def peer_forward(params, batch_stats, peer_rng, peer_images):
     (logits, features), updates = spec.student.apply(
-        _variables(params, batch_stats), peer_images, train=True, return_features=True,
+        _variables(student_params(spec, params, teacher_variables), batch_stats), peer_images, train=True,
+        return_features=True,
         mutable=["batch_stats"], rngs={"dropout": peer_rng})
     return logits, features, updates.get("batch_stats", {})
 
@@ -225,7 +242,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
   loss = loss / k
   updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  if spec.max_norm:
+  if spec.max_norm and spec.generator is None:
     params = {**params, "student": optim.max_norm(params["student"], spec.max_norm, stacked=True)}
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

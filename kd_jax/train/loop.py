@@ -27,6 +27,7 @@ from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax.data import augment as augment_lib
 from kd_jax.distill import Objective
+from kd_jax.distill import weight_distillation
 from kd_jax.train import checkpoint as checkpoint_lib
 from kd_jax.train import config as config_lib
 from kd_jax.train import engine
@@ -213,13 +214,21 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     raise ValueError(f"row {name!r}: model {row.model!r} takes inputs {expected_shape}, "
                      f"but dataset {dataset.name!r} has {dataset.input_shape}")
 
+  generator = None
+  if row.weight_generator.enabled:
+    if teacher is None:
+      raise ValueError(f"row {name!r}: weight_generator needs a teacher (and a term that uses it, e.g. 'kd')")
+    shapes = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1,) + dataset.input_shape, jnp.float32)))
+    generator = weight_distillation.make_plan(shapes["params"], teacher_variables["params"],
+                                              layer_pattern=row.weight_generator.layer_pattern)
   schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   spec = engine.StepSpec(
       student=student, objective=objective, optimizer=optim.make_optimizer(row.optimizer, schedule),
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
       peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
-      teacher_cache=row.cache_teacher)
+      teacher_cache=row.cache_teacher, generator=generator)
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
@@ -263,8 +272,9 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   batch_sharding = engine.batch_sharding(mesh, spec)
 
   def student_variables(state):
-    """All peers' variables, stacked [K, ...]."""
-    return engine._variables(state.params["student"], state.batch_stats["student"])
+    """All peers' variables, stacked [K, ...] (generated, for a weight generator)."""
+    params = jax.vmap(lambda p: engine.student_params(spec, p, teacher_variables))(state.params["student"])
+    return engine._variables(params, state.batch_stats["student"])
 
   def save(state, step):
     checkpointer.save(step, state, {"fingerprint": fingerprint, "history": history,
@@ -342,7 +352,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       **final,
       "best_test_accuracy": max([h["test_accuracy"] for h in history] + [final["test_accuracy"]]),
       "epochs": epochs, "steps": total_steps, "model": row.model,
-      "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params["student"]))) // row.peers,
+      "num_params": int(sum(np.size(x) for x in jax.tree.leaves(student_variables(state)["params"]))) // row.peers,
       "wall_time_s": round(elapsed + time.time() - t0, 2), "history": history,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
   }
