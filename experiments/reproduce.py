@@ -52,20 +52,32 @@ def summarize(config, per_seed: dict[int, dict[str, dict]]) -> list[dict]:
   return rows
 
 
+def versus_paper(config, r: dict) -> str:
+  """ours − paper in the paper's metric, flagged when the gap exceeds two standard deviations."""
+  try:
+    paper = float(r["paper"])
+  except ValueError:
+    return "–"
+  mean, std = r["errors"] if config.paper_metric == "test_errors" else r["accuracy"]
+  gap = mean - paper
+  flag = " (more than 2 std)" if abs(gap) > 2 * std else ""
+  return f"{gap:+.2f}{flag}"
+
+
 def markdown(config, rows: list[dict], command: str) -> str:
   metric = "test errors" if config.paper_metric == "test_errors" else "test accuracy (%)"
   lines = [
       f"Command: `{command}`", "",
       f"| row | model | paper ({metric}) | ours: test accuracy (%), last epoch | ours: test errors, last epoch "
-      "| best epoch acc. (reference only) | seeds | epochs | wall time / seed | device |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| ours − paper | best epoch acc. (reference only) | seeds | epochs | wall time / seed | device |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     paper = r["paper"] if r["paper"] != "" else "–"
     lines.append(
         f"| {r['row']} | {r['model']} | {paper} | {r['accuracy'][0]:.2f} ± {r['accuracy'][1]:.2f} "
-        f"| {r['errors'][0]:.1f} ± {r['errors'][1]:.1f} | {r['best_accuracy'][0]:.2f} | {r['seeds']} "
-        f"| {r['epochs']} | {r['wall_time_s']:.0f} s | {r['device']} |")
+        f"| {r['errors'][0]:.1f} ± {r['errors'][1]:.1f} | {versus_paper(config, r)} | {r['best_accuracy'][0]:.2f} "
+        f"| {r['seeds']} | {r['epochs']} | {r['wall_time_s']:.0f} s | {r['device']} |")
   return "\n".join(lines) + "\n"
 
 

@@ -80,7 +80,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "augment": augment, "max_norm": float(max_norm), "peers": peers,
       "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
       "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
-      "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern}, "paper": paper,
+      "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
+      "paper": str(paper),  # text, so a table can mix numbers and notes
   })
 
 

@@ -1,0 +1,29 @@
+"""experiments/reproduce.py: seeds -> markdown table and plot; a second call resumes without retraining."""
+import json
+import os
+
+from experiments import reproduce
+from tests.configs import tiny_digits
+
+
+def test_reproduce_writes_table_and_plot_and_resumes(tmp_path):
+  config = tiny_digits.get_config()
+  config.epochs = 1
+  config.rows.teacher.paper = "97.5"
+  rows = reproduce.reproduce(config, str(tmp_path), seeds=2, command="python -m experiments.reproduce ...")
+  report = (tmp_path / "REPORT.md").read_text()
+  assert "| teacher | mlp | 97.5 |" in report and "| student_kd | mlp | – |" in report
+  assert "(more than 2 std)" in report or "| +0.00 |" in report  # the gap to the paper is shown
+  assert report.count("| 2 | 1 |") == 2  # 2 seeds, 1 epoch, for both rows
+  png = (tmp_path / "accuracy.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  by_row = {r["row"]: r for r in rows}
+  seeds = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text())["teacher"] for s in (0, 1)]
+  mean = 100 * (seeds[0]["test_accuracy"] + seeds[1]["test_accuracy"]) / 2
+  assert abs(by_row["teacher"]["accuracy"][0] - mean) < 1e-9
+  assert seeds[0]["test_accuracy"] != seeds[1]["test_accuracy"] or seeds[0]["history"] != seeds[1]["history"]
+  # A second call trains nothing: the finished rows' results are reused as they are.
+  stamps = {p: os.path.getmtime(p) for p in tmp_path.glob("seed_*/*/result.json")}
+  again = reproduce.reproduce(config, str(tmp_path), seeds=2)
+  assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+  assert stamps == {p: os.path.getmtime(p) for p in tmp_path.glob("seed_*/*/result.json")}
