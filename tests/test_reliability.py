@@ -15,7 +15,7 @@ import pytest
 
 from kd_jax import distill, train
 from kd_jax.train import checkpoint, loop
-from tests.configs import tiny_digits
+from tests.configs import tiny_digits, tiny_online
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "tests", "configs", "tiny_digits.py")
@@ -25,7 +25,8 @@ class Run:
   """A training subprocess whose output goes to a file (a pipe could fill up and stall it)."""
 
   def __init__(self, workdir, *flags, env=None):
-    cmd = [sys.executable, "-m", "experiments.main", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
+    config = [] if any(f.startswith("--config=") for f in flags) else [f"--config={CONFIG}"]
+    cmd = [sys.executable, "-m", "experiments.main", *config, f"--workdir={workdir}", *flags]
     full_env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     self.log_path = os.path.join(workdir + ".logs", f"{time.time_ns()}.log")
     os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
@@ -198,20 +199,26 @@ def test_non_finite_steps_can_be_skipped(tmp_path):
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 
 
-def test_two_processes_of_four_devices_match_one_of_eight(reference, tmp_path):
+@pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online"])
+def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path):
+  """KD (teacher + distilled student) and DML (2 peers on the replica axis): 2 x 4 devices == 1 x 8."""
   workdir = str(tmp_path)
-  port = 20000 + os.getpid() % 20000
+  port = 20000 + (os.getpid() + len(config_name)) % 20000
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  flags = ["--config.epochs=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  path = os.path.join(REPO, "tests", "configs", f"{config_name}.py")
+  flags = [f"--config={path}", "--config.epochs=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
   procs = [launch(workdir, *flags, f"--process_id={i}", env=env) for i in range(2)]
   for proc in procs:
     assert proc.wait() == 0, proc.output()[-3000:]
   single = str(tmp_path / "single")
-  config = tiny_digits.get_config()
+  module = {"tiny_digits": tiny_digits, "tiny_online": tiny_online}[config_name]
+  config = module.get_config()
   config.epochs = 1
-  train.run(config, single)
-  for row in ("teacher", "student_kd"):
-    multi, one = read_jsonl(os.path.join(workdir, row, "metrics.jsonl")), read_jsonl(os.path.join(single, row, "metrics.jsonl"))
+  results = train.run(config, single)
+  for row in results:
+    multi = read_jsonl(os.path.join(workdir, row, "metrics.jsonl"))
+    one = read_jsonl(os.path.join(single, row, "metrics.jsonl"))
     assert [m["step"] for m in multi] == [m["step"] for m in one] and len(one) > 5
+    assert sum(m["split"] == "train" for m in one) >= 5  # 20+ steps logged
     np.testing.assert_allclose([m.get("loss", m.get("test_loss")) for m in multi],
                                [m.get("loss", m.get("test_loss")) for m in one], rtol=1e-5)

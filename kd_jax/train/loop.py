@@ -69,6 +69,11 @@ def _sigterm_flag():
       signal.signal(signal.SIGTERM, previous)
 
 
+def _fetch(tree, mesh):
+  """Host copies of arrays that may be split over other processes' devices (peers over "replica")."""
+  return jax.device_get(jax.jit(lambda x: x, out_shardings=mesh_lib.replicated(mesh))(tree))
+
+
 def _write_json(path: str, value: Any) -> None:
   if jax.process_index() != 0:
     return
@@ -342,11 +347,11 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   final = history[-1] if history and history[-1]["step"] == total_steps else {
       **evaluate(eval_step, student_variables(state), dataset, config.data.eval_batch_size, mesh)}
   # The exported model is peer 0 (the only one, but for online methods).
-  checkpoint_lib.save_model(os.path.join(row_dir, "final"), engine.unstack(jax.device_get(student_variables(state))),
+  checkpoint_lib.save_model(os.path.join(row_dir, "final"), engine.unstack(_fetch(student_variables(state), mesh)),
                             _model_description(row, dataset))
   if ensemble_dirs:
     final["ensemble_test_accuracy"] = _ensemble_accuracy(
-        list(ensemble_dirs), engine.unstack(jax.device_get(student_variables(state))), student, normalize,
+        list(ensemble_dirs), engine.unstack(_fetch(student_variables(state), mesh)), student, normalize,
         dataset, config.data.eval_batch_size, mesh)
   result = {
       **final,
