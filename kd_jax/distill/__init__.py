@@ -44,6 +44,7 @@ class Term:
 
   needs_teacher: bool = False
   needs_peers: bool = False
+  steps_per_epoch: int = 1  # set by the Objective, for terms with schedules in epochs
 
   def init(self, rng: jax.Array, student: Outputs, teacher: Outputs | None) -> tuple[Any, Any]:
     """Returns (trainable connector params, state); both empty by default."""
@@ -104,6 +105,7 @@ class Objective:
       self.starts[name] = int(round(options.pop("start_epoch", 0) * steps_per_epoch))
       self.warmups[name] = int(round(options.pop("warmup_epochs", 0) * steps_per_epoch))
       self.terms[name] = _make_term(name, options)
+      self.terms[name].steps_per_epoch = steps_per_epoch
     if self.needs_teacher and self.needs_peers:
       raise ValueError(f"terms {list(terms)} mix teacher terms and online (peer) terms")
 

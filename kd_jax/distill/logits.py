@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 from kd_jax.distill import Term, register_term
+from kd_jax.distill.temperature import Temperature
 
 
 def teacher_logits(teacher) -> jax.Array:
@@ -25,17 +26,27 @@ class CrossEntropy(Term):
     return losses.cross_entropy(student.logits, batch["label"]), state
 
 
+class _TemperatureTerm(Term):
+  """A logit term whose temperature may be scheduled or learned (kd_jax.distill.temperature)."""
+
+  def init(self, rng, student, teacher):
+    return self.temperature.init(), {}
+
+  def t(self, params, step):
+    return self.temperature(params, step, self.steps_per_epoch)
+
+
 @register_term("kd")
-class KD(Term):
+class KD(_TemperatureTerm):
   """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T."""
 
   needs_teacher = True
 
-  def __init__(self, temperature: float = 4.0):
-    self.temperature = temperature
+  def __init__(self, temperature=4.0):
+    self.temperature = Temperature(temperature)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
-    return losses.kd_loss(student.logits, teacher_logits(teacher), temperature=self.temperature), state
+    return losses.kd_loss(student.logits, teacher_logits(teacher), temperature=self.t(params, step)), state
 
 
 @register_term("logit_mse")
@@ -50,31 +61,31 @@ class LogitMatching(Term):
 
 
 @register_term("dkd")
-class DKD(Term):
+class DKD(_TemperatureTerm):
   """Decoupled KD (Zhao et al. 2022): α·TCKD + β·NCKD; warm it up with `warmup_epochs`."""
 
   needs_teacher = True
 
-  def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
-    self.alpha, self.beta, self.temperature = alpha, beta, temperature
+  def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature=4.0):
+    self.alpha, self.beta, self.temperature = alpha, beta, Temperature(temperature)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.dkd_loss(student.logits, teacher_logits(teacher), batch["label"], alpha=self.alpha,
-                           beta=self.beta, temperature=self.temperature), state
+                           beta=self.beta, temperature=self.t(params, step)), state
 
 
 @register_term("dist")
-class DIST(Term):
+class DIST(_TemperatureTerm):
   """DIST (Huang et al. 2022): inter- and intra-class Pearson correlation of predictions."""
 
   needs_teacher = True
 
-  def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0):
-    self.beta, self.gamma, self.temperature = beta, gamma, temperature
+  def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature=1.0):
+    self.beta, self.gamma, self.temperature = beta, gamma, Temperature(temperature)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.dist_loss(student.logits, teacher_logits(teacher), beta=self.beta, gamma=self.gamma,
-                            temperature=self.temperature), state
+                            temperature=self.t(params, step)), state
 
 
 @register_term("tfkd")

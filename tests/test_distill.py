@@ -1,0 +1,56 @@
+"""Objectives and terms at the unit level: weights, temperatures (curriculum, CTKD)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import losses
+from kd_jax.distill import Objective, Outputs
+from kd_jax.distill.temperature import Temperature
+
+STUDENT = Outputs(jax.random.normal(jax.random.PRNGKey(0), (8, 10)))
+TEACHER = Outputs(3.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 10)))
+BATCH = {"label": jnp.arange(8) % 10}
+
+
+def test_objective_is_the_weighted_sum_of_term_means():
+  objective = Objective({"ce": {"weight": 0.25}, "kd": {"weight": 0.75, "temperature": 3.0}})
+  total, metrics, _ = objective({}, {}, STUDENT, TEACHER, BATCH, step=jnp.int32(0))
+  ce = jnp.mean(losses.cross_entropy(STUDENT.logits, BATCH["label"]))
+  kd = jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=3.0))
+  np.testing.assert_allclose(total, 0.25 * ce + 0.75 * kd, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss/kd"], kd, rtol=1e-6)
+
+
+def test_curriculum_temperature_follows_its_schedule():
+  linear = Temperature({"start": 1.0, "end": 9.0, "epochs": 4})
+  values = [float(linear({}, jnp.int32(s), 10)) for s in (0, 10, 20, 40, 80)]
+  np.testing.assert_allclose(values, [1.0, 3.0, 5.0, 9.0, 9.0], rtol=1e-6)
+  cosine = Temperature({"start": 1.0, "end": 9.0, "epochs": 4, "shape": "cosine"})
+  np.testing.assert_allclose(float(cosine({}, jnp.int32(20), 10)), 5.0, rtol=1e-6)
+  objective = Objective({"kd": {"temperature": {"start": 1.0, "end": 9.0, "epochs": 4}}}, steps_per_epoch=10)
+  total, _, _ = objective({}, {}, STUDENT, TEACHER, BATCH, step=jnp.int32(20))
+  np.testing.assert_allclose(total, jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=5.0)),
+                             rtol=1e-6)
+
+
+def test_ctkd_temperature_ascends_the_distillation_loss():
+  option = {"learnable": True, "initial": 4.0, "reversal_epochs": 2, "max_reversal": 1.0}
+  objective = Objective({"kd": {"temperature": option}}, steps_per_epoch=10)
+  params, _ = objective.init(jax.random.PRNGKey(0), STUDENT, TEACHER)
+  assert float(params["kd"]["temperature"]) == 4.0
+  step = jnp.int32(10)  # halfway through the ramp: reversal weight 0.5
+  grad = jax.grad(lambda p: objective(p, {}, STUDENT, TEACHER, BATCH, step=step)[0])(params)
+  d_loss_d_t = jax.grad(lambda t: jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=t)))(4.0)
+  np.testing.assert_allclose(grad["kd"]["temperature"], -0.5 * d_loss_d_t, rtol=1e-5)
+  # Gradient descent on the reversed gradient raises the KD loss: the adversarial direction.
+  t_next = 4.0 - 0.1 * float(grad["kd"]["temperature"])
+  kd = lambda t: float(jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=t)))
+  assert kd(t_next) > kd(4.0)
+
+
+def test_bad_temperatures_are_refused():
+  with pytest.raises(ValueError, match="temperature must be > 0, got -1"):
+    Objective({"kd": {"temperature": -1.0}})
+  with pytest.raises(ValueError, match=r"unknown temperature option\(s\) \['begin'\]"):
+    Objective({"kd": {"temperature": {"begin": 1.0}}})
