@@ -129,3 +129,23 @@ def test_resnet32x4_to_resnet8x4_kd_step_on_eight_devices(tmp_path):
   assert set(results) == {"teacher", "kd"}
   assert all(np.isfinite(r["test_loss"]) for r in results.values())
   assert results["kd"]["num_params"] == 1_233_540 - (256 * 90 + 90)  # 10 classes here, 100 in the paper table
+
+
+def test_byot_trains_the_exits_from_the_deepest_classifier(tmp_path):
+  config = train.base_config()
+  config.epochs = 3
+  config.data.batch_size = 64
+  config.data.eval_batch_size = 360
+  config.progress = False
+  config.rows.byot = train.row(
+      model="with_exits", model_kwargs={"base": "mlp", "stages": ["stage1"], "base_kwargs": {"widths": [64, 64]}},
+      terms={"ce": {}, "byot": {"stages": ["stage1"]}}, optimizer={"name": "adam", "learning_rate": 3e-3})
+  result = train.run(config, str(tmp_path))["byot"]
+  assert result["test_accuracy"] > 0.8
+  variables = checkpoint.load_model(str(tmp_path / "byot" / "final"))[0]
+  from kd_jax import models
+  exits = models.create("with_exits", num_classes=10, base="mlp", stages=["stage1"], base_kwargs={"widths": [64, 64]})
+  images = data.load("digits").test_images.astype(np.float32) / 16.0
+  _, features = exits.apply(variables, images, return_features=True)
+  exit_accuracy = np.mean(np.argmax(features["exit_stage1_logits"], -1) == data.load("digits").test_labels)
+  assert exit_accuracy > 0.7  # the early exit learned to classify too

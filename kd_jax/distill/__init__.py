@@ -159,3 +159,4 @@ def feature(outputs: Outputs, name: str, *, who: str) -> jax.Array:
 from kd_jax.distill import logits as _logits  # noqa: E402,F401
 from kd_jax.distill import features as _features  # noqa: E402,F401
 from kd_jax.distill import online as _online  # noqa: E402,F401
+from kd_jax.distill import self_distillation as _self_distillation  # noqa: E402,F401

@@ -137,8 +137,14 @@ def _normalizer(dataset: data_lib.Dataset):
   return lambda x: augment_lib.normalize(x, scale=dataset.scale, mean=dataset.mean, std=dataset.std)
 
 
+def _model_kwargs(row) -> dict[str, Any]:
+  """The row's model options as plain JSON values (as they read back from model.json)."""
+  kwargs = row.model_kwargs.to_dict() if hasattr(row.model_kwargs, "to_dict") else dict(row.model_kwargs)
+  return json.loads(json.dumps(kwargs))
+
+
 def _model_description(row, dataset) -> dict[str, Any]:
-  return {"model": row.model, "model_kwargs": dict(row.model_kwargs), "num_classes": dataset.num_classes,
+  return {"model": row.model, "model_kwargs": _model_kwargs(row), "num_classes": dataset.num_classes,
           "input_shape": list(dataset.input_shape), "dataset": dataset.name}
 
 
@@ -160,10 +166,10 @@ def load_teacher(directory: str, dataset: data_lib.Dataset, *, row_name: str):
 def _load_init(directory: str, row, name: str):
   """Weights that start row `name` (a multi-stage recipe's previous stage): same model only."""
   variables, description = checkpoint_lib.load_model(directory)
-  if description["model"] != row.model or description["model_kwargs"] != dict(row.model_kwargs):
+  if description["model"] != row.model or description["model_kwargs"] != _model_kwargs(row):
     raise ValueError(
         f"row {name!r}: init_from {directory} holds a {description['model']} {description['model_kwargs']}, "
-        f"but the row trains a {row.model} {dict(row.model_kwargs)}")
+        f"but the row trains a {row.model} {_model_kwargs(row)}")
   return variables
 
 
@@ -213,7 +219,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     if not teacher_dir:
       raise ValueError(f"row {name!r} uses a teacher (terms {list(row.terms)}) but rows.{name}.teacher is empty")
     teacher, teacher_variables = load_teacher(teacher_dir, dataset, row_name=name)
-  student = models.create(row.model, num_classes=dataset.num_classes, **row.model_kwargs)
+  student = models.create(row.model, num_classes=dataset.num_classes, **_model_kwargs(row))
   expected_shape = models.input_shape(row.model)
   if expected_shape is not None and expected_shape != dataset.input_shape:
     raise ValueError(f"row {name!r}: model {row.model!r} takes inputs {expected_shape}, "

@@ -1,0 +1,37 @@
+"""Self-distillation terms: a network teaches its own early exits (BYOT)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import losses
+from kd_jax.distill import Term, feature, register_term
+from kd_jax.models import exits as _exits  # noqa: F401  (registers "with_exits")
+
+
+@register_term("byot")
+class BeYourOwnTeacher(Term):
+  """Be Your Own Teacher (Zhang et al. 2019) on a `with_exits` model.
+
+  For each exit k: (1 − α) · CE(exit_k) + α · T² · KL(deepest ‖ exit_k) + β · ‖exit_k − deepest feature‖²,
+  the deepest logits and `pre_logits` acting as the (stop-gradient) teacher. The
+  deepest classifier's own cross-entropy is the separate `ce` term.
+  """
+
+  def __init__(self, stages: Sequence[str] = ("stage1", "stage2"), alpha: float = 0.3, beta: float = 0.03,
+               temperature: float = 3.0):
+    self.stages, self.alpha, self.beta, self.temperature = tuple(stages), alpha, beta, temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    deepest_logits = jax.lax.stop_gradient(student.logits)
+    deepest_feature = jax.lax.stop_gradient(feature(student, "pre_logits", who="student"))
+    total = 0.0
+    for stage in self.stages:
+      exit_logits = feature(student, f"exit_{stage}_logits", who="student (a with_exits model)")
+      exit_feature = feature(student, f"exit_{stage}", who="student (a with_exits model)")
+      total = total + (1.0 - self.alpha) * losses.cross_entropy(exit_logits, batch["label"])
+      total = total + self.alpha * losses.kd_loss(exit_logits, deepest_logits, temperature=self.temperature)
+      total = total + self.beta * jnp.sum(jnp.square(exit_feature - deepest_feature), axis=-1)
+    return total, state
