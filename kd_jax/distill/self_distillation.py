@@ -35,3 +35,29 @@ class BeYourOwnTeacher(Term):
       total = total + self.alpha * losses.kd_loss(exit_logits, deepest_logits, temperature=self.temperature)
       total = total + self.beta * jnp.sum(jnp.square(exit_feature - deepest_feature), axis=-1)
     return total, state
+
+
+@register_term("cskd")
+class ClassWiseSelfKD(Term):
+  """Class-wise self-KD (Yun et al. 2020): match the predictions of two examples of the same class.
+
+  Each example is paired with another example of its class in the same batch
+  (chosen at random each step); the term is T² · KL(p(partner) ‖ p(example)) with
+  the partner's prediction as a constant, and 0 for examples whose class has no
+  other member in the batch. (The paper draws the pairs with a sampler; pairing
+  within the batch keeps the data order a pure function of (seed, step).)
+  """
+
+  def __init__(self, temperature: float = 4.0):
+    self.temperature = temperature
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    labels = batch["label"]
+    b = labels.shape[0]
+    same = (labels[:, None] == labels[None, :]) & ~jnp.eye(b, dtype=bool)
+    score = jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(17), step), (b, b))
+    partner = jnp.argmax(jnp.where(same, score, -1.0), axis=1)
+    has_partner = jnp.any(same, axis=1)
+    partner_logits = jax.lax.stop_gradient(student.logits[partner])
+    kl = losses.kd_loss(student.logits, partner_logits, temperature=self.temperature)
+    return jnp.where(has_partner, kl, 0.0), state
