@@ -9,16 +9,21 @@ run on another number of devices or hosts, therefore sees identical batches.
 Sources:
   mnist   raw IDX files from `$KD_JAX_DATA_DIR/mnist/` (or `data_dir`), else TFDS
   digits  scikit-learn's bundled 8x8 digits, fixed stratified 80/20 split
-  cifar10, cifar100  TFDS
+  cifar10, cifar100  TFDS, in memory (`tfds_source`; `data_dir` is the TFDS data directory)
+  imagenet2012  TFDS ArrayRecord files, streamed: an `imagenet.ImageNetSource`
+    decodes each batch on request (`train_batch`, `test_batches`), same contract
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from kd_jax.data.imagenet import ImageNetSource
 
 __all__ = ["Dataset", "load", "names", "register", "batch_indices", "steps_per_epoch", "data_dir"]
 
@@ -56,6 +61,30 @@ class Dataset:
       if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
         raise ValueError(f"{self.name}: {split} labels outside [0, {self.num_classes})")
 
+  def train_batch(self, seed: int, step: int, batch_size: int, rows: slice = slice(None), *,
+                  stream: int = 0) -> dict[str, np.ndarray]:
+    """Rows `rows` of the global training batch of `step` (the streaming sources' interface).
+
+    {"image": uint8 [R, H, W, C], "label": int32 [R], "index": int32 [R]}.
+    """
+    indices = batch_indices(self.num_train, batch_size, seed=seed, step=step, stream=stream)[rows]
+    return {"image": self.train_images[indices], "label": self.train_labels[indices],
+            "index": indices.astype(np.int32)}
+
+  def test_batches(self, batch_size: int, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size eval batches, the last zero-padded: rows `rows` of each global batch.
+
+    {"image": uint8 [R, H, W, C], "label": int32 [R], "mask": float32 [R] (0 on padding)}.
+    """
+    n = self.test_images.shape[0]
+    for start in range(0, n, batch_size):
+      positions = np.arange(start, start + batch_size)[rows]
+      valid = positions < n
+      safe = np.where(valid, positions, 0)
+      yield {"image": np.where(valid[:, None, None, None], self.test_images[safe], 0).astype(np.uint8),
+             "label": np.where(valid, self.test_labels[safe], 0).astype(np.int32),
+             "mask": valid.astype(np.float32)}
+
 
 def data_dir(override: str | None = None) -> str | None:
   """The local data directory: `override`, else `$KD_JAX_DATA_DIR`, else None (TFDS)."""
@@ -87,22 +116,32 @@ def _load_digits(directory):
 
 def _load_cifar(name, num_classes):
   def load(directory):
-    del directory  # TFDS manages its own directory (TFDS_DATA_DIR)
+    # `directory` (config.data.dir or $KD_JAX_DATA_DIR) is searched before TFDS's own.
     from kd_jax.data import tfds_source
 
     return tfds_source.load(
         name, num_classes=num_classes, scale=1.0 / 255.0,
         mean=(0.5071, 0.4865, 0.4409) if num_classes == 100 else (0.4914, 0.4822, 0.4465),
-        std=(0.2673, 0.2564, 0.2762) if num_classes == 100 else (0.2470, 0.2435, 0.2616))
+        std=(0.2673, 0.2564, 0.2762) if num_classes == 100 else (0.2470, 0.2435, 0.2616),
+        data_dir=directory)
 
   return load
 
 
-_SOURCES: dict[str, Callable[[str | None], Dataset]] = {
+def _load_imagenet(directory):
+  from kd_jax.data import imagenet
+
+  return imagenet.load("imagenet2012", directory=directory, num_classes=1000)
+
+
+# A loader returns an in-memory `Dataset` or a streaming `ImageNetSource`; both
+# have num_train, num_classes, input_shape, scale/mean/std, train_batch, test_batches.
+_SOURCES: dict[str, Callable[[str | None], Union[Dataset, "ImageNetSource"]]] = {
     "mnist": _load_mnist,
     "digits": _load_digits,
     "cifar10": _load_cifar("cifar10", 10),
     "cifar100": _load_cifar("cifar100", 100),
+    "imagenet2012": _load_imagenet,
 }
 
 

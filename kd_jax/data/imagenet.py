@@ -1,0 +1,344 @@
+"""ImageNet as a stream: each step reads and decodes only the examples it uses.
+
+1.28M images do not fit in host memory, so `ImageNetSource` keeps random-access
+handles on the TFDS ArrayRecord files (`tfds_source.data_sources`, no
+TensorFlow) and builds the batch of step `s` on request. It keeps the data
+contract of the in-memory `Dataset`:
+  * which examples: `batch_indices(num_train, B, seed=seed, step=s)`;
+  * how each is augmented: a numpy RNG seeded from (seed, s, example index), so
+    the global batch is a pure function of (seed, s), whatever the host count;
+  * multi-host: `train_batch(..., rows=slice(a, b))` decodes only rows a..b-1 of
+    the global batch, equal to those rows of the full batch.
+
+Train: Inception-style random-resized crop (area 8-100%, aspect 3/4-4/3) to
+224x224 and a horizontal flip with probability 1/2. Eval: the central square of
+side 224/256 of the shorter side, resized to 224x224 (the same region as
+"resize the shorter side to 256, center-crop 224", resampled once).
+Normalisation runs on device, as for every dataset (`scale`, `mean`, `std`).
+
+`prefetch(iterator, size)` runs any batch iterator `size` items ahead in a
+background thread, e.g.
+  prefetch((source.train_batch(seed, s, B, rows) for s in range(start, stop)), 2).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import math
+import os
+import queue
+import threading
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+__all__ = ["ImageNetSource", "load", "prefetch", "random_resized_crop_box", "center_crop_box",
+           "crop_resize", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Folded into every augmentation seed so that these draws never coincide with the
+# batch-order permutation, which is seeded from (seed, epoch).
+_AUGMENT_TAG = 0x1A6E
+
+T = TypeVar("T")
+Box = tuple[float, float, float, float]  # (top, left, height, width) in pixels of the decoded image
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, *,
+                            area_range: tuple[float, float] = (0.08, 1.0),
+                            aspect_range: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> Box:
+  """A random crop (top, left, height, width) of an image [height, width]: Inception / torchvision style.
+
+  Area a uniform fraction of the image in `area_range`, aspect ratio (w/h)
+  log-uniform in `aspect_range`; after `attempts` misses, the central crop with
+  the aspect ratio clamped into `aspect_range`.
+  """
+  log_lo, log_hi = math.log(aspect_range[0]), math.log(aspect_range[1])
+  for _ in range(attempts):
+    area = height * width * rng.uniform(*area_range)
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  aspect = width / height
+  if aspect < aspect_range[0]:
+    w, h = width, int(round(width / aspect_range[0]))
+  elif aspect > aspect_range[1]:
+    w, h = int(round(height * aspect_range[1])), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(height: int, width: int, *, fraction: float) -> Box:
+  """The central square whose side is `fraction` of the shorter side: (top, left, side, side)."""
+  side = fraction * min(height, width)
+  return (height - side) / 2, (width - side) / 2, side, side
+
+
+def _open(image: Any):
+  """A PIL image from encoded bytes (JPEG/PNG) or a decoded uint8 array [H, W, C] / [H, W]."""
+  from PIL import Image
+
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return Image.open(io.BytesIO(bytes(image)))
+  array = np.asarray(image, np.uint8)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  return Image.fromarray(array)
+
+
+def crop_resize(image: Any, box_fn, size: int, *, flip: bool = False, draft: bool = True) -> np.ndarray:
+  """Crops `box_fn(height, width)` (a `Box`) out of `image` and resizes it: uint8 [size, size, 3].
+
+  `image`: encoded bytes or a decoded uint8 array. The box is computed from the
+  header's size before decoding, so that a JPEG can be decoded at a reduced DCT
+  scale (`draft`) that still keeps the crop at least `size` pixels on each side:
+  several times faster for the small crops of random-resized-crop.
+  """
+  from PIL import Image
+
+  picture = _open(image)
+  width, height = picture.size
+  top, left, h, w = box_fn(height, width)
+  scale_x = scale_y = 1.0
+  if draft and picture.format == "JPEG":
+    picture.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
+    scale_x, scale_y = width / picture.size[0], height / picture.size[1]
+  picture = picture.convert("RGB")
+  out = picture.resize((size, size), Image.BICUBIC,
+                       box=(left / scale_x, top / scale_y, (left + w) / scale_x, (top + h) / scale_y))
+  if flip:
+    out = out.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(out, np.uint8)
+
+
+class ImageNetSource:
+  """Train and eval batches of an ImageNet-style dataset, decoded on request.
+
+  `train` and `test`: random-access Sequences of {"image": encoded bytes or
+  uint8 [H, W, C], "label": int} (TFDS data sources, or any list). Decoding
+  and resizing run on a pool of `num_threads` threads (PIL releases the GIL).
+  """
+
+  def __init__(self, train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], *,
+               name: str = "imagenet2012", num_classes: int = 1000, image_size: int = 224,
+               resize_size: int = 256, scale: float = 1.0 / 255.0, mean: tuple[float, ...] = IMAGENET_MEAN,
+               std: tuple[float, ...] = IMAGENET_STD, area_range: tuple[float, float] = (0.08, 1.0),
+               aspect_range: tuple[float, float] = (3 / 4, 4 / 3), num_threads: int | None = None):
+    if len(train) == 0 or len(test) == 0:
+      raise ValueError(f"{name}: empty split (train {len(train)}, test {len(test)} examples)")
+    if not 0 < image_size <= resize_size:
+      raise ValueError(f"{name}: need 0 < image_size <= resize_size, got {image_size} and {resize_size}")
+    self.name = name
+    self.num_classes = num_classes
+    self.image_size = image_size
+    self.resize_size = resize_size
+    self.scale, self.mean, self.std = scale, tuple(mean), tuple(std)
+    self.area_range, self.aspect_range = tuple(area_range), tuple(aspect_range)
+    self._train, self._test = train, test
+    self._num_threads = num_threads or min(32, os.cpu_count() or 1)
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+    self._pool_lock = threading.Lock()
+
+  @property
+  def num_train(self) -> int:
+    return len(self._train)
+
+  @property
+  def num_test(self) -> int:
+    return len(self._test)
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, 3)
+
+  def _map(self, fn, items: list) -> list:
+    with self._pool_lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads, thread_name_prefix=f"{self.name}-decode")
+    return list(self._pool.map(fn, items))
+
+  def close(self) -> None:
+    """Stops the decoding threads (a later batch starts them again)."""
+    with self._pool_lock:
+      if self._pool is not None:
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+  def __enter__(self) -> "ImageNetSource":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _label(self, example: dict[str, Any], split: str, index: int) -> int:
+    label = int(example["label"])
+    if not 0 <= label < self.num_classes:
+      raise ValueError(f"{self.name} {split} example {index}: label {label} outside [0, {self.num_classes})")
+    return label
+
+  def augment_rng(self, *, seed: int, step: int, index: int, stream: int = 0) -> np.random.Generator:
+    """The RNG of example `index`'s augmentation at `step`: a function of (seed, step, index[, stream])."""
+    return np.random.default_rng([_AUGMENT_TAG, int(seed), int(step), int(index)] + ([int(stream)] if stream else []))
+
+  def train_image(self, image: Any, rng: np.random.Generator) -> np.ndarray:
+    """Random-resized crop + flip of one image: uint8 [image_size, image_size, 3]."""
+    box_fn = lambda h, w: random_resized_crop_box(rng, h, w, area_range=self.area_range,
+                                                  aspect_range=self.aspect_range)
+    # The box is drawn first (inside crop_resize), then the flip: a fixed order of draws.
+    out = crop_resize(image, box_fn, self.image_size)
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+  def eval_image(self, image: Any) -> np.ndarray:
+    """Central crop (224/256 of the shorter side) resized: uint8 [image_size, image_size, 3]."""
+    box_fn = lambda h, w: center_crop_box(h, w, fraction=self.image_size / self.resize_size)
+    return crop_resize(image, box_fn, self.image_size)
+
+  def train_batch(self, seed: int, step: int, batch_size: int, rows: slice = slice(None), *,
+                  stream: int = 0) -> dict[str, np.ndarray]:
+    """Rows `rows` of the global training batch of `step`.
+
+    Returns {"image": uint8 [R, S, S, 3], "label": int32 [R], "index": int32 [R]}
+    (S = image_size, R = rows of the slice); equal to `rows` of the full batch.
+    """
+    from kd_jax.data import batch_indices
+    from kd_jax.data.tfds_source import read_examples
+
+    indices = batch_indices(self.num_train, batch_size, seed=seed, step=step, stream=stream)[rows]
+    examples = read_examples(self._train, indices)
+
+    def make(item):
+      index, example = item
+      try:
+        image = self.train_image(example["image"], self.augment_rng(seed=seed, step=step, index=index, stream=stream))
+      except Exception as e:
+        raise ValueError(f"{self.name} train example {index}: cannot decode its image ({e})") from e
+      return image, self._label(example, "train", index)
+
+    made = self._map(make, list(zip(indices.tolist(), examples)))
+    return _stack(made, indices, self.input_shape)
+
+  def test_batches(self, batch_size: int, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size eval batches over the test split, in order; the last is zero-padded.
+
+    Yields {"image": uint8 [R, S, S, 3], "label": int32 [R], "mask": float32 [R]}
+    (mask 0 on padding), R = rows of `rows` of each global batch of `batch_size`.
+    """
+    from kd_jax.data.tfds_source import read_examples
+
+    for start in range(0, self.num_test, batch_size):
+      positions = np.arange(start, start + batch_size)[rows]
+      valid = positions < self.num_test
+      examples = read_examples(self._test, positions[valid])
+
+      def make(item):
+        index, example = item
+        try:
+          image = self.eval_image(example["image"])
+        except Exception as e:
+          raise ValueError(f"{self.name} test example {index}: cannot decode its image ({e})") from e
+        return image, self._label(example, "test", index)
+
+      made = self._map(make, list(zip(positions[valid].tolist(), examples)))
+      batch = _stack(made, positions[valid], self.input_shape)
+      pad = int((~valid).sum())
+      yield {"image": np.concatenate([batch["image"], np.zeros((pad,) + self.input_shape, np.uint8)]),
+             "label": np.concatenate([batch["label"], np.zeros(pad, np.int32)]),
+             "mask": valid.astype(np.float32)}
+
+
+def _stack(made: list[tuple[np.ndarray, int]], indices: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+  images = np.stack([image for image, _ in made]) if made else np.zeros((0,) + shape, np.uint8)
+  return {"image": images, "label": np.asarray([label for _, label in made], np.int32),
+          "index": np.asarray(indices, np.int32)}
+
+
+def load(name: str = "imagenet2012", *, directory: str | None = None, num_classes: int | None = None,
+         train_split: str = "train", test_split: str = "validation", **kwargs) -> ImageNetSource:
+  """An `ImageNetSource` over TFDS dataset `name` (prepared as ArrayRecord), read without TensorFlow.
+
+  `directory`: the TFDS data directory (`--config.data.dir` / $KD_JAX_DATA_DIR),
+  searched before TFDS's default one. `kwargs` go to `ImageNetSource`.
+  """
+  from kd_jax.data import tfds_source
+
+  (train, test), classes = tfds_source.data_sources(name, (train_split, test_split), data_dir=directory,
+                                                    raw_images=True)
+  if num_classes is not None and classes is not None and classes != num_classes:
+    raise ValueError(f"dataset {name!r}: TFDS has {classes} classes, the registry expects {num_classes}")
+  return ImageNetSource(train, test, name=name, num_classes=num_classes or classes or 1000, **kwargs)
+
+
+_END, _ERROR, _ITEM = range(3)
+
+
+class _Prefetcher(Iterator[T]):
+  """See `prefetch`."""
+
+  def __init__(self, iterator: Iterable[T], size: int):
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._done = False
+    self._thread = threading.Thread(target=self._produce, args=(iter(iterator),), daemon=True,
+                                    name="kd_jax-prefetch")
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    # A timeout, so that a consumer that stopped early (close) frees the thread.
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self, iterator: Iterator[T]) -> None:
+    try:
+      for item in iterator:
+        if not self._put((_ITEM, item)):
+          return
+      self._put((_END, None))
+    except BaseException as e:  # handed to the consumer, raised there
+      self._put((_ERROR, e))
+
+  def __next__(self) -> T:
+    if self._done:
+      raise StopIteration
+    kind, value = self._queue.get()
+    if kind == _ITEM:
+      return value
+    self._done = True
+    self._stop.set()
+    if kind == _ERROR:
+      raise value
+    raise StopIteration
+
+  def close(self) -> None:
+    """Stops the background thread (the iterator then ends)."""
+    self._done = True
+    self._stop.set()
+    self._thread.join()
+
+  def __enter__(self) -> "_Prefetcher[T]":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    self._stop.set()
+
+
+def prefetch(iterator: Iterable[T], size: int = 2) -> Iterator[T]:
+  """Yields the items of `iterator`, computed up to `size` ahead in a background thread.
+
+  Order is kept; an exception in `iterator` is raised at the consumer, at the
+  position where it happened. Call `.close()` (or use `with`) to stop early.
+  """
+  if size < 1:
+    raise ValueError(f"prefetch size must be at least 1, got {size}")
+  return _Prefetcher(iterator, size)
