@@ -1,0 +1,26 @@
+"""Distillation losses as pure functions of arrays: `from kd_jax import losses`.
+
+Conventions: logits [B, K], integer labels [B], feature maps NHWC [B, H, W, C],
+embeddings [B, D]. A loss that decomposes over examples returns per-example
+values [B] (reduce them as you like); a relation over the batch returns a scalar.
+Inputs may be any float dtype (bf16 included); computation is float32. Teacher
+inputs are constants (no gradient flows into them) unless a docstring says
+otherwise. All are safe under jax.jit, jax.vmap and jax.grad.
+"""
+from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss
+from kd_jax.losses.features import (activation_boundary_loss, attention_transfer_loss, factor_transfer_loss,
+                                    fsp_loss, hint_loss, nst_loss, vid_loss)
+from kd_jax.losses.logits import (cross_entropy, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
+                                  virtual_teacher_logits)
+from kd_jax.losses.online import codistillation_loss, gated_ensemble_logits, mutual_learning_loss
+from kd_jax.losses.relations import (correlation_congruence_loss, pkt_loss, rkd_loss,
+                                     similarity_preserving_loss)
+
+__all__ = [
+    "cross_entropy", "kd_loss", "logit_mse_loss", "dkd_loss", "dist_loss", "virtual_teacher_logits",
+    "hint_loss", "attention_transfer_loss", "fsp_loss", "nst_loss", "factor_transfer_loss",
+    "activation_boundary_loss", "vid_loss",
+    "similarity_preserving_loss", "rkd_loss", "pkt_loss", "correlation_congruence_loss",
+    "CRDBank", "crd_init_bank", "crd_loss",
+    "mutual_learning_loss", "codistillation_loss", "gated_ensemble_logits",
+]
