@@ -251,5 +251,6 @@ def vid_loss(predicted_mean: jax.Array, teacher_features: jax.Array, log_scale: 
   if jnp.shape(log_scale) != jnp.shape(teacher_features)[-1:]:
     raise ValueError(f"vid_loss: log_scale shape {jnp.shape(log_scale)} must be ({jnp.shape(teacher_features)[-1]},)")
   variance = jax.nn.softplus(_checks.as_f32(log_scale)) + eps
+  variance = variance.reshape((1,) * (jnp.ndim(teacher_features) - 1) + variance.shape)  # explicit broadcast
   nll = 0.5 * (jnp.square(_teacher(teacher_features) - _checks.as_f32(predicted_mean)) / variance + jnp.log(variance))
   return _per_example_mean(nll)
