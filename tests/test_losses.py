@@ -282,3 +282,14 @@ def test_every_public_loss_documents_shapes_and_references():
       doc = obj.__doc__ or ""
       assert "References:" in doc or name == "crd_init_bank", name
       assert "Example:" in doc, name
+
+
+def test_nst_matches_numpy():
+  """torchdistill has no NST: an independent numpy MMD with the (xᵀy)² kernel instead."""
+  def vectors(f):
+    v = np.transpose(f.reshape(f.shape[0], -1, f.shape[-1]), (0, 2, 1))
+    return v / np.linalg.norm(v, axis=2, keepdims=True)
+
+  s, t = vectors(S_MAP), vectors(T_MAP)
+  k = lambda a, b: np.mean(np.einsum("bid,bjd->bij", a, b) ** 2, axis=(1, 2))
+  np.testing.assert_allclose(losses.nst_loss(S_MAP, T_MAP), k(s, s) + k(t, t) - 2 * k(s, t), rtol=1e-5, atol=1e-6)
