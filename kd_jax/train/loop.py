@@ -26,6 +26,7 @@ import tqdm
 from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax.data import augment as augment_lib
+from kd_jax.data.imagenet import prefetch
 from kd_jax.distill import Objective
 from kd_jax.distill import weight_distillation
 from kd_jax.train import checkpoint as checkpoint_lib
@@ -102,7 +103,7 @@ class _MetricsLog:
 
 
 def _padded_split(images: np.ndarray, labels: np.ndarray, batch_size: int):
-  """Yields fixed-size eval batches; the last is zero-padded and masked."""
+  """Yields fixed-size batches of whole arrays; the last is zero-padded and masked."""
   n = images.shape[0]
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
@@ -115,12 +116,13 @@ def _padded_split(images: np.ndarray, labels: np.ndarray, batch_size: int):
     }
 
 
-def evaluate(eval_step, variables, dataset: data_lib.Dataset, batch_size: int, mesh) -> dict[str, float]:
-  """Test-set accuracy, error count and mean cross-entropy."""
+def evaluate(eval_step, variables, dataset, batch_size: int, mesh) -> dict[str, float]:
+  """Test-set accuracy, error count and mean cross-entropy (each process reads only its rows)."""
   sharding = mesh_lib.batch_sharding(mesh)
+  (rows,) = mesh_lib.local_block(sharding, (batch_size,))
   totals = None
-  for batch in _padded_split(dataset.test_images, dataset.test_labels, batch_size):
-    sums = eval_step(variables, mesh_lib.put_batch(batch, sharding))
+  for batch in dataset.test_batches(batch_size, rows=rows):
+    sums = eval_step(variables, mesh_lib.put_local(batch, sharding, (batch_size,)))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = int(totals["count"])
@@ -183,6 +185,8 @@ def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, ba
 
 def _teacher_cache(teacher, teacher_variables, dataset, normalize, mesh, batch_size: int) -> jax.Array:
   """The teacher's logits on every training example, [N, classes], computed once."""
+  if not hasattr(dataset, "train_images"):
+    raise ValueError(f"cache_teacher needs an in-memory dataset; {dataset.name!r} is streamed")
   logits_fn = engine.make_teacher_logits(teacher, normalize, mesh)
   chunks = [logits_fn(teacher_variables, mesh_lib.put_batch(batch, mesh_lib.batch_sharding(mesh)))
             for batch in _padded_split(dataset.train_images, dataset.train_labels, batch_size)]
@@ -312,15 +316,18 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
           "such steps instead.")
     return int(bad_step)
 
+  local = mesh_lib.local_block(batch_sharding, (spec.streams, batch_size))
+  batches = prefetch((_train_batch(dataset, batch_size, seed=config.seed, step=step, streams=spec.streams,
+                                   block=local) for step in range(start_step, total_steps)), 2)
   t0 = time.time()
   pending: list = []
   bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True, leave=False,
                   disable=not config.progress or jax.process_index() != 0,
                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
-  with _sigterm_flag() as sigterm, bar:
-    for step in range(start_step, total_steps):
-      batch = _train_batch(dataset, batch_size, seed=config.seed, step=step, streams=spec.streams)
-      state, metrics = train_step(state, teacher_variables, mesh_lib.put_batch(batch, batch_sharding))
+  with _sigterm_flag() as sigterm, bar, contextlib.closing(batches):
+    for step, batch in zip(range(start_step, total_steps), batches):
+      state, metrics = train_step(state, teacher_variables,
+                                  mesh_lib.put_local(batch, batch_sharding, (spec.streams, batch_size)))
       done = step + 1
       bar.update(1)
       if done % config.log_every_steps == 0:
@@ -371,13 +378,12 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   return result
 
 
-def _train_batch(dataset: data_lib.Dataset, batch_size: int, *, seed: int, step: int,
-                 streams: int = 1) -> dict[str, np.ndarray]:
-  """{"image": [S, B, ...], "label": [S, B], "index": [S, B]} for S data streams."""
-  indices = np.stack([data_lib.batch_indices(dataset.num_train, batch_size, seed=seed, step=step, stream=s)
-                      for s in range(streams)])
-  return {"image": dataset.train_images[indices], "label": dataset.train_labels[indices],
-          "index": indices.astype(np.int32)}
+def _train_batch(dataset, batch_size: int, *, seed: int, step: int, streams: int = 1,
+                 block: tuple[slice, slice] = (slice(None), slice(None))) -> dict[str, np.ndarray]:
+  """This process's block of the global batch {"image": [S, B, ...], "label": [S, B], "index": [S, B]}."""
+  stream_range = range(streams)[block[0]]
+  parts = [dataset.train_batch(seed, step, batch_size, rows=block[1], stream=s) for s in stream_range]
+  return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:

@@ -43,15 +43,27 @@ def check_batch_size(batch_size: int, devices: int, *, what: str = "global batch
                      f"use a multiple of {devices} (e.g. {max(devices, batch_size // devices * devices)})")
 
 
+def local_block(sharding: NamedSharding, global_shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The block of a global array (a slice per axis) that this process's devices hold."""
+  index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+  block = []
+  for axis, size in enumerate(global_shape):
+    starts = [idx[axis].start or 0 for idx in index_map.values()]
+    stops = [size if idx[axis].stop is None else idx[axis].stop for idx in index_map.values()]
+    block.append(slice(min(starts), max(stops)))
+  return tuple(block)
+
+
+def put_local(local: dict[str, np.ndarray], sharding: NamedSharding, leading_shape: tuple[int, ...]):
+  """Global arrays from this process's block of each (leading axes of the global shape given)."""
+  return {key: jax.make_array_from_process_local_data(sharding, value, tuple(leading_shape) + value.shape[
+      len(leading_shape):]) for key, value in local.items()}
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Places a global host batch: each process contributes only the block its devices hold."""
   out = {}
   for key, value in batch.items():
-    index_map = sharding.addressable_devices_indices_map(value.shape)
-    box = []
-    for axis, size in enumerate(value.shape):
-      starts = [idx[axis].start or 0 for idx in index_map.values()]
-      stops = [size if idx[axis].stop is None else idx[axis].stop for idx in index_map.values()]
-      box.append(slice(min(starts), max(stops)))
-    out[key] = jax.make_array_from_process_local_data(sharding, value[tuple(box)], value.shape)
+    block = local_block(sharding, value.shape)
+    out[key] = jax.make_array_from_process_local_data(sharding, value[block], value.shape)
   return out
