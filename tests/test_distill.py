@@ -60,11 +60,11 @@ def test_cskd_pairs_examples_of_the_same_class():
   labels = jnp.array([0, 1, 0, 2, 1, 3])  # class 2 and 3 have no partner
   logits = jax.random.normal(jax.random.PRNGKey(3), (6, 4))
   objective = Objective({"cskd": {"temperature": 2.0}})
-  _, _, _ = objective({}, {}, Outputs(logits), None, {"label": labels}, step=jnp.int32(0))
+  _, _, _ = objective({}, {}, Outputs(logits), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, step=jnp.int32(0))
   term = objective.terms["cskd"]
-  values, _ = term(Outputs(logits), None, {"label": labels}, {}, {}, step=jnp.int32(0))
+  values, _ = term(Outputs(logits), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, {}, {}, step=jnp.int32(0))
   kd = lambda i, j: float(losses.kd_loss(logits[i:i + 1], logits[j:j + 1], temperature=2.0)[0])
   np.testing.assert_allclose(values, [kd(0, 2), kd(1, 4), kd(2, 0), 0.0, kd(4, 1), 0.0], rtol=1e-5)
   # The partner's prediction is a constant: no gradient flows into it.
-  grad = jax.grad(lambda l: term(Outputs(l), None, {"label": labels}, {}, {}, step=jnp.int32(0))[0][0])(logits)
+  grad = jax.grad(lambda l: term(Outputs(l), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, {}, {}, step=jnp.int32(0))[0][0])(logits)
   assert np.all(np.asarray(grad[2]) == 0) and np.any(np.asarray(grad[0]) != 0)

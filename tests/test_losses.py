@@ -166,7 +166,7 @@ ALL = {
     "nst": (lambda s: losses.nst_loss(s, T_MAP), S_MAP),
     "ft": (lambda s: losses.factor_transfer_loss(s, T_MAP[..., :6]), S_MAP),
     "ab": (lambda s: losses.activation_boundary_loss(s, T_MAP[..., :6], margin=1.0), S_MAP),
-    "vid": (lambda s: losses.vid_loss(s, T_MAP[..., :6], jnp.zeros(6)), S_MAP),
+    "vid": (lambda s: losses.vid_loss(s, T_MAP[..., :6], jnp.full((6,), 2.0)), S_MAP),
     "sp": (lambda s: losses.similarity_preserving_loss(s, T_MAP), S_MAP),
     "rkd": (lambda s: losses.rkd_loss(s, T_EMB), S_EMB),
     "pkt": (lambda s: losses.pkt_loss(s, T_EMB), S_EMB),
@@ -231,7 +231,7 @@ def test_huge_logits_at_t20_do_not_overflow():
     (lambda: losses.hint_loss(np.zeros((2, 4)), np.zeros((2, 5))), r"student shape \(2, 4\) and teacher shape \(2, 5\)"),
     (lambda: losses.fsp_loss(*[np.zeros((2, 4, 4, 3))] * 3, np.zeros((2, 4, 4, 5))), r"FSP matrices"),
     (lambda: losses.rkd_loss(np.zeros((4, 3)), np.zeros((5, 3))), r"same batch size"),
-    (lambda: losses.vid_loss(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros(4)), r"log_scale shape \(4,\)"),
+    (lambda: losses.vid_loss(np.zeros((2, 3)), np.zeros((2, 3)), np.ones(4)), r"variance shape \(4,\)"),
     (lambda: losses.mutual_learning_loss(np.zeros((2, 3)), np.zeros((2, 3))), r"peer_logits \[P, B, K\]"),
     (lambda: losses.kd_loss(np.zeros((2, 3), np.int32), np.zeros((2, 3), np.int32)), r"floating-point"),
 ])

@@ -83,7 +83,7 @@ def test_correlation_congruence():
 def test_vid():
   log_scale = rand(6)
   variance = np.log1p(np.exp(log_scale)) + 1e-5
-  close(jnp.mean(losses.vid_loss(S_MAP, T_MAP[..., :6], log_scale)), td.vid(S_MAP, T_MAP[..., :6], variance))
+  close(jnp.mean(losses.vid_loss(S_MAP, T_MAP[..., :6], variance)), td.vid(S_MAP, T_MAP[..., :6], variance))
 
 
 @pytest.mark.parametrize("p", [1, 2])

@@ -1,5 +1,6 @@
 """Every method term through the one engine: digits MLP tables and CIFAR-shaped ResNets."""
 import copy
+import json
 import os
 
 import jax
@@ -108,6 +109,12 @@ def cifar_table():
       "pkt": {"ce": {}, "pkt": {"weight": 30000.0}},
       "dkd": {"ce": {}, "dkd": {"warmup_epochs": 1}},
       "dist": {"ce": {}, "dist": {}},
+      "nst": {"ce": {}, "nst": {"weight": 50.0}},
+      "cc": {"ce": {}, "cc": {"weight": 0.02}},
+      "vid": {"ce": {}, "vid": {}},
+      "ab": {"ab": {}},
+      "crd": {"ce": {}, "crd": {"weight": 0.8, "num_negatives": 32}},
+      "crd_kd": {"ce": {}, "kd": {}, "crd": {"weight": 0.8, "num_negatives": 32}},
   }
   for name, terms in methods.items():
     config.rows[name] = train.row(model="resnet8x4", teacher="teacher", terms=terms, optimizer=sgd)
@@ -149,3 +156,83 @@ def test_byot_trains_the_exits_from_the_deepest_classifier(tmp_path):
   _, features = exits.apply(variables, images, return_features=True)
   exit_accuracy = np.mean(np.argmax(features["exit_stage1_logits"], -1) == data.load("digits").test_labels)
   assert exit_accuracy > 0.7  # the early exit learned to classify too
+
+
+def _twenty_step_config(terms, model, teacher_model, data_name, batch_size, learning_rate=0.05):
+  config = train.base_config()
+  config.data.name = data_name
+  config.data.batch_size = batch_size
+  config.data.eval_batch_size = 360 if data_name == "digits" else 16
+  config.log_every_steps = 1
+  config.progress = False
+  sgd = {"name": "sgd", "learning_rate": learning_rate, "momentum": 0.9}
+  steps_per_epoch = data.load(data_name).num_train // batch_size
+  config.epochs = -(-20 // steps_per_epoch)
+  config.rows.teacher = train.row(model=teacher_model[0], model_kwargs=teacher_model[1], terms={"ce": {}},
+                                  optimizer=sgd, epochs=1)
+  config.rows.student = train.row(model=model[0], model_kwargs=model[1], teacher="teacher", terms=terms,
+                                  optimizer=sgd)
+  return config
+
+
+DEVICE_CASES = {
+    "kd": ({"ce": {"weight": 0.1}, "kd": {"weight": 0.9}}, ("mlp", {"widths": [32]}), ("mlp", {"widths": [64]}),
+           "digits", 64),
+    "fitnets": ({"ce": {}, "hint": {"weight": 10.0, "student_feature": "stage1", "teacher_feature": "stage1"}},
+                ("mlp", {"widths": [32]}), ("mlp", {"widths": [64]}), "digits", 64),
+    "crd": ({"ce": {}, "crd": {"weight": 0.8, "num_negatives": 256, "dim": 32}}, ("mlp", {"widths": [32]}),
+            ("mlp", {"widths": [64]}), "digits", 64),
+    # Sharded BatchNorm/conv sums round differently from unsharded ones (~1e-7 at the first steps); on a
+    # ResNet with AT's weight of 1000 that grows to ~1e-4 over 20 steps, hence its own tolerance below.
+    "at": ({"ce": {}, "at": {"weight": 1000.0}}, ("resnet8", {}), ("resnet8", {}), "synthetic_cifar", 32, 0.005),
+}
+TOLERANCE = {"at": 2e-3}
+
+
+@pytest.mark.parametrize("method", list(DEVICE_CASES))
+def test_twenty_steps_on_one_device_equal_eight(method, tmp_path):
+  terms, model, teacher_model, data_name, batch_size, *learning_rate = DEVICE_CASES[method]
+  runs = {}
+  for devices in (8, 1):
+    config = _twenty_step_config(terms, model, teacher_model, data_name, batch_size, *learning_rate)
+    config.epochs = 0
+    config.rows.student.epochs = -(-20 // (data.load(data_name).num_train // batch_size))
+    config.mesh.data = devices
+    workdir = tmp_path / str(devices)
+    if devices == 1:  # the same teacher for both runs
+      os.makedirs(workdir)
+      os.symlink(tmp_path / "8" / "teacher", workdir / "teacher")
+    train.run(config, str(workdir))
+    with open(workdir / "student" / "metrics.jsonl") as f:
+      runs[devices] = [json.loads(line) for line in f if '"train"' in line]
+  assert len(runs[1]) >= 20
+  for key in [k for k in runs[1][0] if k.startswith("loss")]:
+    np.testing.assert_allclose([m[key] for m in runs[1][:20]], [m[key] for m in runs[8][:20]],
+                               rtol=TOLERANCE.get(method, 1e-5), atol=1e-6, err_msg=key)
+    # The first steps agree to float32 rounding whatever the method.
+    np.testing.assert_allclose([m[key] for m in runs[1][:2]], [m[key] for m in runs[8][:2]], rtol=1e-5, err_msg=key)
+
+
+def test_imagenet_size_crd_bank_is_split_over_the_devices():
+  """1.28M x 128 entries per side: each of the 8 devices holds 1/8 of the rows (shapes only, no memory)."""
+  import optax
+  from kd_jax import models
+  from kd_jax.data import augment
+  from kd_jax.distill import Objective
+  from kd_jax.train import engine
+  from kd_jax.train import mesh as mesh_lib
+
+  student = models.create("mlp", num_classes=1000, widths=[16])
+  objective = Objective({"ce": {}, "crd": {"dim": 128, "num_negatives": 16}}, num_train=1_281_167 + 1)
+  spec = engine.StepSpec(student=student, objective=objective, optimizer=optax.sgd(0.1), schedule=lambda s: 0.1,
+                         normalize=lambda x: augment.normalize(x, scale=1 / 255, mean=(0.0,), std=(1.0,)),
+                         teacher=models.create("mlp", num_classes=1000, widths=[32]))
+  teacher_vars = jax.eval_shape(lambda: spec.teacher.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 3), np.float32)))
+  abstract = jax.eval_shape(lambda tv: engine.init_state(spec, jax.random.PRNGKey(0), tv,
+                                                        np.zeros((8, 4, 4, 3), np.uint8)), teacher_vars)
+  shardings = engine.state_shardings(mesh_lib.make_mesh(), abstract, spec)
+  bank, bank_sharding = abstract.method_state["crd"], shardings.method_state["crd"]
+  for side in ("student", "teacher"):
+    shape = getattr(bank, side).shape
+    assert shape == (1, 1_281_168, 128)
+    assert getattr(bank_sharding, side).shard_shape(shape) == (1, 160_146, 128)  # 1/8 of the rows each

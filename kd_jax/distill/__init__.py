@@ -45,6 +45,10 @@ class Term:
   needs_teacher: bool = False
   needs_peers: bool = False
   steps_per_epoch: int = 1  # set by the Objective, for terms with schedules in epochs
+  num_train: int = 0  # set by the Objective: the training-set size (memory banks)
+  # Terms whose state holds per-example rows (a memory bank [N, ...]) have them
+  # split over the mesh axis "data", so no device holds more than its share.
+  shard_state_rows: bool = False
 
   def init(self, rng: jax.Array, student: Outputs, teacher: Outputs | None) -> tuple[Any, Any]:
     """Returns (trainable connector params, state); both empty by default."""
@@ -89,7 +93,7 @@ def _make_term(name: str, kwargs: Mapping[str, Any]) -> Term:
 class Objective:
   """The weighted sum of a method's terms: loss = Σ weight · mean(term)."""
 
-  def __init__(self, terms: Mapping[str, Mapping[str, Any]], *, steps_per_epoch: int = 1):
+  def __init__(self, terms: Mapping[str, Mapping[str, Any]], *, steps_per_epoch: int = 1, num_train: int = 0):
     if not terms:
       raise ValueError("a method needs at least one loss term, e.g. {'ce': {'weight': 1.0}}")
     self.weights: dict[str, float] = {}
@@ -106,6 +110,7 @@ class Objective:
       self.warmups[name] = int(round(options.pop("warmup_epochs", 0) * steps_per_epoch))
       self.terms[name] = _make_term(name, options)
       self.terms[name].steps_per_epoch = steps_per_epoch
+      self.terms[name].num_train = num_train
     if self.needs_teacher and self.needs_peers:
       raise ValueError(f"terms {list(terms)} mix teacher terms and online (peer) terms")
 
@@ -160,3 +165,4 @@ from kd_jax.distill import logits as _logits  # noqa: E402,F401
 from kd_jax.distill import features as _features  # noqa: E402,F401
 from kd_jax.distill import online as _online  # noqa: E402,F401
 from kd_jax.distill import self_distillation as _self_distillation  # noqa: E402,F401
+from kd_jax.distill import contrastive as _contrastive  # noqa: E402,F401

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 from kd_jax.distill import Term, feature, register_term
+from kd_jax.models import connectors
 
 
 def _pairs(student_names, teacher_names, who):
@@ -161,3 +162,146 @@ class PKT(_PairTerm):
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.pkt_loss(*self._features(student, teacher)), state
+
+
+def init_connector(module: nn.Module, rng, x, *args):
+  """(params, batch_stats) of a connector module applied to example inputs."""
+  variables = module.init(rng, x, *args, train=False)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def apply_connector(module: nn.Module, params, batch_stats, x, *args):
+  """The connector in training mode: (output, new batch_stats)."""
+  if batch_stats:
+    out, updates = module.apply({"params": params, "batch_stats": batch_stats}, x, *args, train=True,
+                                mutable=["batch_stats"])
+    return out, updates["batch_stats"]
+  return module.apply({"params": params}, x, *args, train=True), batch_stats
+
+
+def _match_spatial(student, teacher):
+  """Average-pools the larger of two maps to the smaller's spatial size (VID, NST)."""
+  pool = lambda x, h, w: x.reshape(x.shape[0], h, x.shape[1] // h, w, x.shape[2] // w, x.shape[3]).mean(axis=(2, 4))
+  if student.ndim == 4 and student.shape[1] > teacher.shape[1]:
+    student = pool(student, *teacher.shape[1:3])
+  elif student.ndim == 4 and teacher.shape[1] > student.shape[1]:
+    teacher = pool(teacher, *student.shape[1:3])
+  return student, teacher
+
+
+class _ConnectedPairs(Term):
+  """A loss over matched (student, teacher) feature pairs through one connector per pair."""
+
+  needs_teacher = True
+
+  def __init__(self, student_features, teacher_features):
+    self.pairs = _pairs(student_features, teacher_features, type(self).__name__)
+
+  def connector(self, student_feature, teacher_feature) -> nn.Module:
+    raise NotImplementedError
+
+  def loss(self, connected, teacher_feature):
+    raise NotImplementedError
+
+  def _features(self, student, teacher, s_name, t_name):
+    return (feature(student, s_name, who="student"),
+            jax.lax.stop_gradient(feature(teacher, t_name, who="teacher")))
+
+  def init(self, rng, student, teacher):
+    params, stats = {}, {}
+    for i, (s_name, t_name) in enumerate(self.pairs):
+      s, t = self._features(student, teacher, s_name, t_name)
+      params[f"pair{i}"], stats[f"pair{i}"] = init_connector(self.connector(s, t), jax.random.fold_in(rng, i), s)
+    return params, stats
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    total, new_state = 0.0, {}
+    for i, (s_name, t_name) in enumerate(self.pairs):
+      s, t = self._features(student, teacher, s_name, t_name)
+      out, new_state[f"pair{i}"] = apply_connector(self.connector(s, t), params[f"pair{i}"],
+                                                   state.get(f"pair{i}", {}), s)
+      total = total + self.loss(out, t)
+    return total, new_state
+
+
+@register_term("vid")
+class VID(_ConnectedPairs):
+  """Variational information distillation (Ahn et al. 2019) on matched stages, VIDRegressor per pair."""
+
+  def __init__(self, student_features: Sequence[str] = ("stage1", "stage2", "stage3"),
+               teacher_features: Sequence[str] = ("stage1", "stage2", "stage3"), init_variance: float = 5.0):
+    super().__init__(student_features, teacher_features)
+    self.init_variance = init_variance
+
+  def _features(self, student, teacher, s_name, t_name):
+    return _match_spatial(*super()._features(student, teacher, s_name, t_name))
+
+  def connector(self, s, t):
+    return connectors.VIDRegressor(out_channels=t.shape[-1], init_pred_var=self.init_variance)
+
+  def loss(self, connected, t):
+    mean, variance = connected
+    return losses.vid_loss(mean, t, variance)
+
+
+@register_term("ab")
+class ActivationBoundaries(_ConnectedPairs):
+  """Activation-boundary transfer (Heo et al. 2019) on pre-ReLU features, ABConnector per pair.
+
+  Usually an initialisation stage (AB's `_init` rows in crd_cifar100.py).
+  """
+
+  def __init__(self, student_features: Sequence[str] = ("stage1_preact", "stage2_preact", "stage3_preact"),
+               teacher_features: Sequence[str] = ("stage1_preact", "stage2_preact", "stage3_preact"),
+               margin: float = 1.0):
+    super().__init__(student_features, teacher_features)
+    self.margin = margin
+
+  def connector(self, s, t):
+    return connectors.ABConnector(out_channels=t.shape[-1], out_hw=tuple(t.shape[1:3]))
+
+  def loss(self, connected, t):
+    # The paper's code scales the summed hinge by 1/1000 per example.
+    return losses.activation_boundary_loss(connected, t, margin=self.margin) / 1000.0
+
+
+@register_term("nst")
+class NST(Term):
+  """Neuron selectivity transfer (Huang & Wang 2017), summed over matched stages."""
+
+  needs_teacher = True
+
+  def __init__(self, student_features: Sequence[str] = ("stage1", "stage2", "stage3"),
+               teacher_features: Sequence[str] = ("stage1", "stage2", "stage3")):
+    self.pairs = _pairs(student_features, teacher_features, "nst")
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    total = 0.0
+    for s_name, t_name in self.pairs:
+      t = jax.lax.stop_gradient(feature(teacher, t_name, who="teacher"))
+      total = total + losses.nst_loss(feature(student, s_name, who="student"), t)
+    return total, state
+
+
+@register_term("cc")
+class CorrelationCongruence(Term):
+  """Correlation congruence (Peng et al. 2019) between linear embeddings of both networks' pooled features."""
+
+  needs_teacher = True
+
+  def __init__(self, student_feature: str = "pre_logits", teacher_feature: str = "pre_logits", dim: int = 128,
+               gamma: float = 0.4, order: int = 2):
+    self.student_feature, self.teacher_feature = student_feature, teacher_feature
+    self.embed = connectors.Embed(dim, normalize=False)
+    self.gamma, self.order = gamma, order
+
+  def init(self, rng, student, teacher):
+    s_rng, t_rng = jax.random.split(rng)
+    return {"student": init_connector(self.embed, s_rng, feature(student, self.student_feature, who="student"))[0],
+            "teacher": init_connector(self.embed, t_rng, feature(teacher, self.teacher_feature, who="teacher"))[0]}, {}
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    s = self.embed.apply({"params": params["student"]}, feature(student, self.student_feature, who="student"))
+    t = self.embed.apply({"params": params["teacher"]},
+                         jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher")))
+    return losses.correlation_congruence_loss(s, t, gamma=self.gamma, order=self.order), state

@@ -55,7 +55,7 @@ class ClassWiseSelfKD(Term):
     labels = batch["label"]
     b = labels.shape[0]
     same = (labels[:, None] == labels[None, :]) & ~jnp.eye(b, dtype=bool)
-    score = jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(17), step), (b, b))
+    score = jax.random.uniform(jax.random.fold_in(batch["rng"], 17), (b, b))
     partner = jnp.argmax(jnp.where(same, score, -1.0), axis=1)
     has_partner = jnp.any(same, axis=1)
     partner_logits = jax.lax.stop_gradient(student.logits[partner])

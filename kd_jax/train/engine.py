@@ -229,10 +229,14 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
       sources, source_axis = Outputs(stale_logits), 0
     else:
       sources, source_axis = teacher, None
-    objective = lambda term_params, method_state, logits, features, peer_batch, source: spec.objective(
-        term_params, method_state, Outputs(logits, features), source, peer_batch, step=state.step)
-    loss, metrics, method_state = jax.vmap(objective, in_axes=(0, 0, 0, 0, stream_axis, source_axis))(
-        params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources)
+    def objective(term_params, method_state, logits, features, peer_batch, source, peer_rng):
+      # Terms that draw random numbers (CRD's negatives, CS-KD's pairs) use the batch's "rng".
+      return spec.objective(term_params, method_state, Outputs(logits, features), source,
+                            {**peer_batch, "rng": peer_rng}, step=state.step)
+
+    loss, metrics, method_state = jax.vmap(objective, in_axes=(0, 0, 0, 0, stream_axis, source_axis, 0))(
+        params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources,
+        _peer_rngs(jax.random.fold_in(dropout_rng, 1), k))
     labels = batch["label"] if spec.streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:2])
     metrics["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
     # Peers are independent models: the sum's gradient is each peer's own loss gradient.
@@ -271,16 +275,21 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
 
 
 def state_shardings(mesh: Mesh, abstract_state: TrainState, spec: StepSpec):
-  """Peer-stacked leaves split over "replica" (when the peer count allows), the rest replicated."""
-  replicas = mesh.shape["replica"]
-  stacked = NamedSharding(mesh, P("replica")) if replicas > 1 and spec.peers % replicas == 0 else None
+  """Peer-stacked leaves split over "replica" (when the peer count allows), the rest replicated;
+  the per-example rows of memory banks (terms with `shard_state_rows`) split over "data"."""
+  replicas, data = mesh.shape["replica"], mesh.shape["data"]
+  peer = "replica" if replicas > 1 and spec.peers % replicas == 0 else None
   replicated = mesh_lib.replicated(mesh)
+  row_terms = {name for name, term in spec.objective.terms.items() if term.shard_state_rows}
 
   def leaf_sharding(path, leaf):
     top = getattr(path[0], "name", None)
+    if top == "method_state" and getattr(path[1], "key", None) in row_terms and leaf.ndim >= 3 \
+        and leaf.shape[1] % data == 0:
+      return NamedSharding(mesh, P(peer, "data"))
     peer_axis = top in ("params", "batch_stats", "method_state", "exchange") or (
         top == "opt_state" and leaf.ndim >= 1 and leaf.shape[0] == spec.peers)
-    return stacked if (stacked is not None and peer_axis and leaf.ndim >= 1) else replicated
+    return NamedSharding(mesh, P(peer)) if (peer and peer_axis and leaf.ndim >= 1) else replicated
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
 

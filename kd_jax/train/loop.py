@@ -217,7 +217,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   normalize = _normalizer(dataset)
 
   objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms,
-                        steps_per_epoch=steps_per_epoch)
+                        steps_per_epoch=steps_per_epoch, num_train=dataset.num_train)
   teacher, teacher_variables = None, {}
   if objective.needs_teacher:
     if not teacher_dir:
