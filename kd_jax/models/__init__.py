@@ -86,3 +86,10 @@ def select_features(features: Mapping[str, Any], wanted: Sequence[str], *, model
 
 # Importing the families registers them.
 from kd_jax.models import mlp  # noqa: E402,F401
+from kd_jax.models import resnet  # noqa: E402,F401
+from kd_jax.models import wrn  # noqa: E402,F401
+from kd_jax.models import vgg  # noqa: E402,F401
+from kd_jax.models import mobilenet  # noqa: E402,F401
+from kd_jax.models import shufflenet  # noqa: E402,F401
+# Feature capture for modules outside the zoo.
+from kd_jax.models.features import WithFeatures, capture, feature_shapes, module_paths  # noqa: E402,F401

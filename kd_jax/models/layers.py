@@ -126,3 +126,36 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 
 def output(logits: jax.Array, features: dict[str, jax.Array], return_features: bool):
   return (logits, features) if return_features else logits
+
+
+def resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """`torch.nn.functional.interpolate(x, size, mode='nearest')` on NHWC: source index floor(i * in / out)."""
+  h, w = int(size[0]), int(size[1])
+  if x.shape[1:3] == (h, w):
+    return x
+  rows = (jnp.arange(h) * x.shape[1]) // h
+  cols = (jnp.arange(w) * x.shape[2]) // w
+  return x[:, rows][:, :, cols]
+
+
+def adaptive_avg_pool(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """`torch.nn.functional.adaptive_avg_pool2d(x, size)` on NHWC.
+
+  Output cell i averages input rows floor(i * H / h) .. ceil((i + 1) * H / h) - 1
+  (and likewise for columns), PyTorch's binning, also when H is not a multiple of h.
+  """
+  h, w = int(size[0]), int(size[1])
+  big_h, big_w = x.shape[1], x.shape[2]
+  if (big_h, big_w) == (h, w):
+    return x
+  if big_h % h == 0 and big_w % w == 0:
+    b, c = x.shape[0], x.shape[3]
+    return x.reshape(b, h, big_h // h, w, big_w // w, c).mean(axis=(2, 4))
+
+  def bins(n_in, n_out):
+    return [((i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+  rows = [jnp.mean(x[:, r0:r1], axis=1) for r0, r1 in bins(big_h, h)]  # each [B, W, C]
+  x = jnp.stack(rows, axis=1)
+  cols = [jnp.mean(x[:, :, c0:c1], axis=2) for c0, c1 in bins(big_w, w)]
+  return jnp.stack(cols, axis=2)

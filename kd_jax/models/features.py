@@ -1,0 +1,135 @@
+"""Features from any Flax module, by module path, without editing the module.
+
+The zoo's models return named features themselves (`return_features=True`).
+For a model a user brings, these helpers record the outputs of its submodules
+while it runs, through `flax.linen.intercept_methods` (the mechanism behind
+`capture_intermediates`). Everything happens at trace time, so they work
+under `jax.jit`, `jax.grad` and sharding like a plain `apply`; XLA drops the
+outputs nobody asked for.
+
+A module path is the '/'-joined names from the root to the submodule, as in
+the params tree: `'layer1_0'`, `'encoder/block_2/conv'`. `module_paths` lists
+them.
+
+    logits, feats = capture(model, variables, x, ["layer1_0", "layer2_0"], train=False)
+    teacher = WithFeatures(MyNet(num_classes=10), {"stage1": "block1", "pre_logits": "pool"})
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+
+__all__ = ["capture", "module_paths", "feature_shapes", "WithFeatures"]
+
+
+def _path(module: nn.Module) -> str:
+  return "/".join(str(p) for p in module.path)
+
+
+def _recorder(prefix: tuple[str, ...] = ()) -> tuple[dict[str, list[Any]], Callable[..., Any]]:
+  """An interceptor recording every submodule `__call__` output under `prefix`, keyed by its relative path."""
+  seen: dict[str, list[Any]] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":
+      path = tuple(context.module.path)
+      if path[: len(prefix)] == prefix and len(path) > len(prefix):
+        seen.setdefault("/".join(path[len(prefix):]), []).append(out)
+    return out
+
+  return seen, interceptor
+
+
+def _pick(seen: Mapping[str, list[Any]], wanted: Sequence[str], what: str) -> dict[str, Any]:
+  missing = [p for p in wanted if p not in seen]
+  if missing:
+    raise KeyError(f"{what} has no submodule(s) {missing} (or they were not called); "
+                   f"available module paths: {sorted(seen)}")
+  return {p: seen[p][0] if len(seen[p]) == 1 else tuple(seen[p]) for p in wanted}
+
+
+def capture(module: nn.Module, variables: Mapping[str, Any], x: Any, paths: Sequence[str], **apply_kwargs: Any):
+  """Runs `module.apply(variables, x, **apply_kwargs)` and records submodule outputs.
+
+  Args:
+    module: any `flax.linen` module (unbound).
+    variables: its variables.
+    x: its input.
+    paths: module paths to record ('/'-joined names, e.g. 'layer1_0/conv1').
+    **apply_kwargs: passed to `apply` (`train=...`, `mutable=...`, `rngs=...`).
+
+  Returns:
+    (what `apply` returns, {path: output of that submodule's `__call__`}); a
+    submodule called several times gives the tuple of its outputs in call order.
+
+  Raises:
+    KeyError listing the available module paths if a path was not called.
+  """
+  seen, interceptor = _recorder()
+  with nn.intercept_methods(interceptor):
+    out = module.apply(variables, x, **apply_kwargs)
+  return out, _pick(seen, list(paths), type(module).__name__)
+
+
+def module_paths(module: nn.Module, variables: Mapping[str, Any], x: Any, **apply_kwargs: Any) -> dict[str, Any]:
+  """{module path: output shape(s)} of every submodule call; abstract evaluation, nothing is computed."""
+  seen, interceptor = _recorder()
+
+  def run(variables, x):
+    with nn.intercept_methods(interceptor):
+      module.apply(variables, x, **apply_kwargs)
+    return {p: outs[0] if len(outs) == 1 else tuple(outs) for p, outs in seen.items()}
+
+  shapes = jax.eval_shape(run, variables, x)
+  return {p: jax.tree.map(lambda s: tuple(s.shape), v) for p, v in sorted(shapes.items())}
+
+
+def feature_shapes(module: nn.Module, input_shape: Sequence[int], *, batch: int = 1) -> dict[str, tuple[int, ...]]:
+  """{feature name: shape} of a zoo-protocol model for inputs [batch, *input_shape]; nothing is computed.
+
+  Connectors are sized from these, e.g. `feature_shapes(teacher, (32, 32, 3))['stage3']`.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+  (_, feats), _ = jax.eval_shape(
+      lambda x: module.init_with_output(jax.random.key(0), x, train=False, return_features=True), x
+  )
+  return {k: tuple(v.shape) for k, v in sorted(feats.items())}
+
+
+class WithFeatures(nn.Module):
+  """Wraps a user's module in the zoo protocol, its features picked by module path.
+
+  `WithFeatures(net, {"stage1": "block1", "pre_logits": "pool"})` behaves like a
+  zoo model: `__call__(x, *, train=False, return_features=False)` returns
+  logits, or (logits, {feature name: output of the submodule at that path}).
+  The wrapped module's variables sit under the key 'module' (e.g.
+  `{'params': {'module': net_params}}`).
+
+  Attributes:
+    module: the user's module; called as `module(x, **{train_kwarg: train})`.
+    features: feature name -> module path (relative to `module`).
+    train_kwarg: name of the module's train flag; 'deterministic' is passed
+      `not train`; None: not passed.
+  """
+
+  module: nn.Module
+  features: Mapping[str, str]
+  train_kwarg: str | None = "train"
+
+  @nn.compact
+  def __call__(self, x: Any, *, train: bool = False, return_features: bool = False):
+    kwargs = {}
+    if self.train_kwarg is not None:
+      kwargs[self.train_kwarg] = (not train) if self.train_kwarg == "deterministic" else train
+    seen, interceptor = _recorder(tuple(self.path) + (self.module.name,))
+    with nn.intercept_methods(interceptor):
+      logits = self.module(x, **kwargs)
+    if not return_features:
+      return logits
+    picked = _pick(seen, list(self.features.values()), type(self.module).__name__)
+    return logits, {name: picked[path] for name, path in self.features.items()}
