@@ -25,6 +25,7 @@ def unit(x):
 S_LOGITS, T_LOGITS = rand(B, 10, scale=2.0), rand(B, 10, scale=3.0)
 S_MAP, T_MAP = rand(B, 4, 4, 6), rand(B, 4, 4, 12)
 S_EMB, T_EMB = rand(B, 16), rand(B, 32)
+S_MAP2, T_MAP2 = rand(B, 4, 4, 5), rand(B, 4, 4, 5)
 
 
 def close(ours, theirs, rtol=1e-4):
@@ -115,3 +116,21 @@ def test_crd_loss_and_memory_update():
   close(ours, theirs, rtol=1e-4)
   np.testing.assert_allclose(new_bank.student, memory_s, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new_bank.teacher, memory_t, rtol=1e-5, atol=1e-6)
+
+
+def test_fsp():
+  """torchdistill's FSPLoss sums the L2 norms of the columns of G_s − G_t ((G_s − G_t).norm(dim=1)), where
+  the paper (and RepDistiller, and kd_jax) sums the squared entries: both reproduced from the same G."""
+  def g(a, b):
+    return np.einsum("bhwi,bhwj->bij", a.astype(np.float64), b) / (a.shape[1] * a.shape[2])
+
+  diff = g(S_MAP, S_MAP2) - g(T_MAP[..., :6], T_MAP2)
+  theirs = td.fsp(S_MAP, S_MAP2, T_MAP[..., :6], T_MAP2)
+  np.testing.assert_allclose(theirs, np.linalg.norm(diff, axis=1).sum() / B, rtol=1e-4)
+  close(jnp.mean(losses.fsp_loss(S_MAP, S_MAP2, T_MAP[..., :6], T_MAP2)), np.mean(np.sum(diff ** 2, axis=(1, 2))))
+
+
+@pytest.mark.parametrize("size", [4, 7])
+def test_hierarchical_context(size):
+  s, t = rand(B, size, size, 3), rand(B, size, size, 3)
+  close(jnp.mean(losses.hierarchical_context_loss([s], [t])), td.hierarchical_context(s, t))

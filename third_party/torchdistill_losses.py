@@ -103,3 +103,21 @@ def crd(student_embed, teacher_embed, indices, contrast_indices, student_memory,
   student = {"s": {"output": _t(student_embed)}, "empty": {"input": {"pos_idx": indices, "contrast_idx": contrast}}}
   value = float(loss(student, {"t": {"output": _t(teacher_embed)}}))
   return value, loss.memory_v1.numpy().copy(), loss.memory_v2.numpy().copy()
+
+
+def fsp(student_first, student_second, teacher_first, teacher_second):
+  """FSPLoss on one pair of stages (torchdistill's own reduction: Σ over the batch / B)."""
+  config = {"pair1": {name: {"io": "output", "path": name} for name in
+                      ("student_first", "student_second", "teacher_first", "teacher_second")}}
+  config["pair1"]["weight"] = 1
+  loss = mid_level.FSPLoss(config)
+  student = {"student_first": {"output": _nchw(student_first)}, "student_second": {"output": _nchw(student_second)}}
+  teacher = {"teacher_first": {"output": _nchw(teacher_first)}, "teacher_second": {"output": _nchw(teacher_second)}}
+  return float(loss(student, teacher))
+
+
+def hierarchical_context(student_map, teacher_map, output_sizes=(4, 2, 1)):
+  """HierarchicalContextLoss on one stage (its student input is a (features, residual) pair)."""
+  loss = mid_level.HierarchicalContextLoss("s", "output", "t", "output", reduction="mean",
+                                           output_sizes=list(output_sizes))
+  return float(loss({"s": {"output": (_nchw(student_map), None)}}, _io(_nchw(teacher_map), path="t")))

@@ -5,22 +5,34 @@ embeddings [B, D]. A loss that decomposes over examples returns per-example
 values [B] (reduce them as you like); a relation over the batch returns a scalar.
 Inputs may be any float dtype (bf16 included); computation is float32. Teacher
 inputs are constants (no gradient flows into them) unless a docstring says
-otherwise. All are safe under jax.jit, jax.vmap and jax.grad.
+otherwise. Hyper-parameters are keyword-only. All are safe under jax.jit,
+jax.vmap and jax.grad; bad shapes raise a ValueError naming the shapes.
+
+  logits        cross_entropy, kd_loss, logit_mse_loss, dkd_loss, dist_loss,
+                teacher_free_kd_loss, virtual_teacher_logits, class_wise_kd_loss
+  features      hint_loss, attention_transfer_loss, fsp_loss, nst_loss,
+                factor_transfer_loss, activation_boundary_loss, vid_loss,
+                hierarchical_context_loss
+  relations     similarity_preserving_loss, rkd_loss, pkt_loss,
+                correlation_congruence_loss
+  contrastive   CRDBank, crd_init_bank, crd_sample_negatives, crd_loss
+  online        mutual_learning_loss, codistillation_loss, gated_ensemble_logits
 """
-from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss
+from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss, crd_sample_negatives
 from kd_jax.losses.features import (activation_boundary_loss, attention_transfer_loss, factor_transfer_loss,
-                                    fsp_loss, hint_loss, nst_loss, vid_loss)
-from kd_jax.losses.logits import (cross_entropy, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
-                                  virtual_teacher_logits)
+                                    fsp_loss, hierarchical_context_loss, hint_loss, nst_loss, vid_loss)
+from kd_jax.losses.logits import (class_wise_kd_loss, cross_entropy, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
+                                  teacher_free_kd_loss, virtual_teacher_logits)
 from kd_jax.losses.online import codistillation_loss, gated_ensemble_logits, mutual_learning_loss
 from kd_jax.losses.relations import (correlation_congruence_loss, pkt_loss, rkd_loss,
                                      similarity_preserving_loss)
 
 __all__ = [
-    "cross_entropy", "kd_loss", "logit_mse_loss", "dkd_loss", "dist_loss", "virtual_teacher_logits",
+    "cross_entropy", "kd_loss", "logit_mse_loss", "dkd_loss", "dist_loss", "teacher_free_kd_loss",
+    "virtual_teacher_logits", "class_wise_kd_loss",
     "hint_loss", "attention_transfer_loss", "fsp_loss", "nst_loss", "factor_transfer_loss",
-    "activation_boundary_loss", "vid_loss",
+    "activation_boundary_loss", "vid_loss", "hierarchical_context_loss",
     "similarity_preserving_loss", "rkd_loss", "pkt_loss", "correlation_congruence_loss",
-    "CRDBank", "crd_init_bank", "crd_loss",
+    "CRDBank", "crd_init_bank", "crd_sample_negatives", "crd_loss",
     "mutual_learning_loss", "codistillation_loss", "gated_ensemble_logits",
 ]

@@ -1,6 +1,8 @@
-"""Losses over logits [B, K]: cross-entropy, KD, logit matching, DKD, DIST, teacher-free KD.
+"""Losses over logits [B, K]: cross-entropy, KD, logit matching, DKD, DIST, Tf-KD, CS-KD.
 
-All take any float dtype, compute in float32, and treat the teacher as a constant.
+All take any float dtype, compute in float32 and treat the teacher as a constant.
+Each public function validates shapes in Python, then calls a jitted kernel, so
+eager calls compile once per shape and calls under jit/vmap/grad inline it.
 """
 from __future__ import annotations
 
@@ -9,51 +11,87 @@ import jax.numpy as jnp
 
 from kd_jax.losses import _checks
 
+def _f32(x):
+  return jnp.asarray(x).astype(jnp.float32)
+
+
+def _const(x):
+  return jax.lax.stop_gradient(_f32(x))
+
+
+def _logit_pair(student_logits, teacher_logits, what):
+  _checks.same_shape(student_logits, teacher_logits, what=what)
+  _checks.rank(student_logits, (2,), what=what, name="logits [B, K]")
+  _checks.floating(student_logits, what=what, name="student_logits")
+  _checks.floating(teacher_logits, what=what, name="teacher_logits")
+
+
+def _labels(labels, logits, what):
+  _checks.labels_in_range(labels, jnp.shape(logits)[-1], what=what)
+  if jnp.shape(labels) != jnp.shape(logits)[:-1]:
+    raise ValueError(f"{what}: labels shape {jnp.shape(labels)} must be logits shape {jnp.shape(logits)} "
+                     "without its last axis")
+
+
+@jax.jit
+def _nll(logits, labels):
+  log_p = jax.nn.log_softmax(_f32(logits), axis=-1)
+  return -jnp.take_along_axis(log_p, jnp.expand_dims(labels, -1), axis=-1)[..., 0]
+
+
+@jax.jit
+def _smoothed_cross_entropy(logits, labels, label_smoothing):
+  log_p = jax.nn.log_softmax(_f32(logits), axis=-1)
+  nll = -jnp.take_along_axis(log_p, jnp.expand_dims(labels, -1), axis=-1)[..., 0]
+  # Smoothed target (1 − ε)·one_hot + ε/K: its cross-entropy splits into these two terms.
+  return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
   """Softmax cross-entropy with integer labels, optionally label-smoothed.
 
   Args:
-    logits: [..., K] float.
-    labels: [...] int in [0, K).
-    label_smoothing: ε; the target is (1 − ε) · one_hot + ε / K (Szegedy et al. 2016).
+    logits: [..., K] float (any float dtype).
+    labels: [...] int in [0, K) (checked when concrete).
+    label_smoothing: ε in [0, 1); the target is (1 − ε) · one_hot + ε / K.
 
   Returns:
     [...] float32 per-example loss.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> float(cross_entropy(jnp.zeros((1, 4)), jnp.array([2]))[0])  # log 4
-    1.386...
+    >>> round(float(cross_entropy(jnp.zeros((1, 4)), jnp.array([2]))[0]), 4)  # log 4
+    1.3863
 
   References:
-    Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision" (label smoothing).
+    Szegedy, Vanhoucke, Ioffe, Shlens & Wojna 2016, "Rethinking the Inception Architecture for Computer
+    Vision" (label smoothing, section 7).
   """
-  logits = _checks.as_f32(logits)
-  _checks.labels_in_range(labels, logits.shape[-1], what="cross_entropy")
-  if jnp.shape(labels) != logits.shape[:-1]:
-    raise ValueError(f"cross_entropy: labels shape {jnp.shape(labels)} must be logits shape {logits.shape} "
-                     "without its last axis")
-  log_p = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-  if not label_smoothing:
-    return nll
-  return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
+  _checks.floating(logits, what="cross_entropy", name="logits")
+  _checks.rank(logits, (1, 2, 3, 4), what="cross_entropy", name="logits [..., K]")
+  _labels(labels, logits, "cross_entropy")
+  if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1), got {label_smoothing}")
+  if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
+    return _nll(logits, labels)  # no ε · mean(log p) term: stays finite for −inf (masked) logits
+  return _smoothed_cross_entropy(logits, labels, label_smoothing)
 
 
-def _logit_pair(student_logits, teacher_logits, what):
-  _checks.same_shape(student_logits, teacher_logits, what=what)
-  _checks.rank(student_logits, (2,), what=what, name="logits [B, K]")
-  return _checks.as_f32(student_logits), jax.lax.stop_gradient(_checks.as_f32(teacher_logits))
+@jax.jit
+def _kd(s, t, temperature):
+  log_p_s = jax.nn.log_softmax(_f32(s) / temperature, axis=-1)
+  log_p_t = jax.nn.log_softmax(_const(t) / temperature, axis=-1)
+  # Σ p_t (log p_t − log p_s) from log-probabilities: finite even where p_t underflows to 0.
+  return temperature * temperature * jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 4.0) -> jax.Array:
-  """Hinton KD: T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) per example.
+  """Hinton KD: T² · Σ_k p_t,k (log p_t,k − log p_s,k), p = softmax(z / T), per example.
 
   Args:
-    student_logits: [B, K] float.
-    teacher_logits: [B, K] float (a constant: no gradient flows into it).
-    temperature: T > 0 (a Python number or a traced scalar).
+    student_logits: [B, K] float (any float dtype).
+    teacher_logits: [B, K] float, a constant (no gradient flows into it).
+    temperature: T > 0, a Python number or a traced scalar (e.g. a learned temperature).
 
   Returns:
     [B] float32.
@@ -63,22 +101,28 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature
     >>> z = jnp.array([[1.0, 2.0, 3.0]])
     >>> float(kd_loss(z, z)[0])
     0.0
+    >>> round(float(kd_loss(z, jnp.array([[3.0, 2.0, 1.0]]), temperature=1.0)[0]), 4)
+    1.1504
 
   References:
-    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
+    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531.
   """
   _checks.positive(temperature, name="temperature")
-  s, t = _logit_pair(student_logits, teacher_logits, "kd_loss")
-  log_p_s = jax.nn.log_softmax(s / temperature, axis=-1)
-  log_p_t = jax.nn.log_softmax(t / temperature, axis=-1)
-  return temperature * temperature * jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  _logit_pair(student_logits, teacher_logits, "kd_loss")
+  return _kd(student_logits, teacher_logits, temperature)
+
+
+@jax.jit
+def _logit_mse(s, t):
+  return jnp.mean(jnp.square(_f32(s) - _const(t)), axis=-1)
 
 
 def logit_mse_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-  """Logit matching: mean over classes of (z_s − z_t)².
+  """Logit matching (mimic learning): mean over classes of (z_s − z_t)², per example.
 
   Args:
-    student_logits, teacher_logits: [B, K] float.
+    student_logits: [B, K] float.
+    teacher_logits: [B, K] float, a constant.
 
   Returns:
     [B] float32.
@@ -89,24 +133,49 @@ def logit_mse_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.
     5.0
 
   References:
-    Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?".
+    Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?", NeurIPS.
   """
-  s, t = _logit_pair(student_logits, teacher_logits, "logit_mse_loss")
-  return jnp.mean(jnp.square(s - t), axis=-1)
+  _logit_pair(student_logits, teacher_logits, "logit_mse_loss")
+  return _logit_mse(student_logits, teacher_logits)
+
+
+@jax.jit
+def _dkd(s, t, labels, alpha, beta, temperature):
+  target = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)
+
+  def parts(z):
+    z = z / temperature
+    lse_all = jax.nn.logsumexp(z, axis=-1)
+    masked = jnp.where(target, -jnp.inf, z)
+    lse_rest = jax.nn.logsumexp(masked, axis=-1)
+    log_target = jnp.sum(jnp.where(target, z, 0.0), axis=-1) - lse_all  # log p_target
+    log_rest = lse_rest - lse_all  # log(1 − p_target), without the cancellation of 1 − p
+    log_q = jnp.where(target, 0.0, masked - jnp.expand_dims(lse_rest, -1))  # log-softmax over non-targets
+    return log_target, log_rest, log_q
+
+  s_target, s_rest, s_q = parts(_f32(s))
+  t_target, t_rest, t_q = parts(_const(t))
+  tckd = jnp.exp(t_target) * (t_target - s_target) + jnp.exp(t_rest) * (t_rest - s_rest)
+  nckd = jnp.sum(jnp.where(target, 0.0, jnp.exp(t_q) * (t_q - s_q)), axis=-1)
+  return temperature * temperature * (alpha * tckd + beta * nckd)
 
 
 def dkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *, alpha: float = 1.0,
              beta: float = 8.0, temperature: float = 4.0) -> jax.Array:
-  """Decoupled KD: α · T² · KL(b_t ‖ b_s) + β · T² · KL(q_t ‖ q_s).
+  """Decoupled KD: α · T² · KL(b_t ‖ b_s) + β · T² · KL(q_t ‖ q_s), per example.
 
-  With p = softmax(z / T): b = (p_target, 1 − p_target) is the binary target-vs-rest
-  distribution (TCKD) and q the softmax of z / T over the non-target classes only
-  (NCKD).
+  With p = softmax(z / T): b = (p_target, 1 − p_target) is the binary
+  target-vs-rest distribution (TCKD) and q = softmax of z / T over the
+  non-target classes only (NCKD). Computed from log-sum-exps, so 1 − p_target
+  does not cancel to 0 for confident logits.
 
   Args:
-    student_logits, teacher_logits: [B, K] float.
+    student_logits: [B, K] float, K ≥ 2.
+    teacher_logits: [B, K] float, a constant.
     labels: [B] int in [0, K).
-    alpha, beta: weights of TCKD and NCKD.
+    alpha: weight of TCKD.
+    beta: weight of NCKD (8 for CIFAR-100 in the paper; mdistiller also warms the whole loss up over
+      the first epochs, which is the caller's schedule).
     temperature: T > 0.
 
   Returns:
@@ -119,50 +188,46 @@ def dkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.A
     0.0
 
   References:
-    Zhao, Cui, Song, Qiu & Liang 2022, "Decoupled Knowledge Distillation".
+    Zhao, Cui, Song, Qiu & Liang 2022, "Decoupled Knowledge Distillation", CVPR.
   """
   _checks.positive(temperature, name="temperature")
-  s, t = _logit_pair(student_logits, teacher_logits, "dkd_loss")
-  _checks.labels_in_range(labels, s.shape[-1], what="dkd_loss")
-  if jnp.shape(labels) != s.shape[:1]:
-    raise ValueError(f"dkd_loss: labels shape {jnp.shape(labels)} must be ({s.shape[0]},)")
-  target = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)
-
-  def parts(z):
-    z = z / temperature
-    lse_all = jax.nn.logsumexp(z, axis=-1)
-    masked = jnp.where(target, -jnp.inf, z)
-    lse_rest = jax.nn.logsumexp(masked, axis=-1)
-    log_target = jnp.sum(jnp.where(target, z, 0.0), axis=-1) - lse_all  # log p_target
-    log_rest = lse_rest - lse_all  # log(1 − p_target)
-    log_q = jnp.where(target, 0.0, masked - lse_rest[:, None])  # log softmax over non-target classes
-    return log_target, log_rest, log_q
-
-  s_target, s_rest, s_q = parts(s)
-  t_target, t_rest, t_q = parts(t)
-  tckd = jnp.exp(t_target) * (t_target - s_target) + jnp.exp(t_rest) * (t_rest - s_rest)
-  nckd = jnp.sum(jnp.where(target, 0.0, jnp.exp(t_q) * (t_q - s_q)), axis=-1)
-  return temperature * temperature * (alpha * tckd + beta * nckd)
+  _logit_pair(student_logits, teacher_logits, "dkd_loss")
+  if jnp.shape(student_logits)[-1] < 2:
+    raise ValueError(f"dkd_loss: needs at least 2 classes, got logits shape {jnp.shape(student_logits)}")
+  _labels(labels, student_logits, "dkd_loss")
+  return _dkd(student_logits, teacher_logits, labels, alpha, beta, temperature)
 
 
-def _pearson(a: jax.Array, b: jax.Array, axis: int, eps: float = 1e-8) -> jax.Array:
-  a = a - jnp.mean(a, axis=axis, keepdims=True)
-  b = b - jnp.mean(b, axis=axis, keepdims=True)
-  num = jnp.sum(a * b, axis=axis)
-  den = jnp.sqrt(jnp.sum(a * a, axis=axis) * jnp.sum(b * b, axis=axis) + eps)
-  return num / (den + eps)
+def _pearson(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+  """Pearson correlation along `axis`; 0 (not NaN) when either side has zero variance."""
+  a = _checks.l2_normalize(a - jnp.mean(a, axis=axis, keepdims=True), axis=axis)
+  b = _checks.l2_normalize(b - jnp.mean(b, axis=axis, keepdims=True), axis=axis)
+  return jnp.sum(a * b, axis=axis)
+
+
+@jax.jit
+def _dist(s, t, beta, gamma, temperature):
+  y_s = jax.nn.softmax(_f32(s) / temperature, axis=-1)
+  y_t = jax.nn.softmax(_const(t) / temperature, axis=-1)
+  inter = 1.0 - jnp.mean(_pearson(y_s, y_t, axis=1))
+  intra = 1.0 - jnp.mean(_pearson(y_s, y_t, axis=0))
+  return temperature * temperature * (beta * inter + gamma * intra)
 
 
 def dist_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: float = 1.0, gamma: float = 1.0,
               temperature: float = 1.0) -> jax.Array:
-  """DIST: τ² · (β · (1 − mean_i ρ(y_s[i], y_t[i])) + γ · (1 − mean_k ρ(y_s[:, k], y_t[:, k]))).
+  """DIST: τ² · (β · (1 − mean_i ρ(y_s[i,:], y_t[i,:])) + γ · (1 − mean_k ρ(y_s[:,k], y_t[:,k]))).
 
   y = softmax(z / τ) and ρ the Pearson correlation: inter-class relations of each
-  example, and intra-class relations over the batch. A constant row or column
-  (zero variance) has correlation 0, not NaN.
+  example (rows) and intra-class relations over the batch (columns). A constant
+  row or column (zero variance) has correlation 0, not NaN.
 
   Args:
-    student_logits, teacher_logits: [B, K] float.
+    student_logits: [B, K] float.
+    teacher_logits: [B, K] float, a constant.
+    beta: weight of the inter-class term.
+    gamma: weight of the intra-class term.
+    temperature: τ > 0.
 
   Returns:
     [] float32 (a relation over the batch).
@@ -170,25 +235,31 @@ def dist_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: flo
   Example:
     >>> import jax.numpy as jnp
     >>> z = jnp.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
-    >>> round(float(dist_loss(z, z)), 4)
-    0.0
+    >>> abs(float(dist_loss(z, z))) < 1e-6
+    True
 
   References:
-    Huang, You, Wang, Qian & Xu 2022, "Knowledge Distillation from A Stronger Teacher".
+    Huang, You, Wang, Qian & Xu 2022, "Knowledge Distillation from A Stronger Teacher", NeurIPS.
   """
   _checks.positive(temperature, name="temperature")
-  s, t = _logit_pair(student_logits, teacher_logits, "dist_loss")
-  y_s, y_t = jax.nn.softmax(s / temperature, axis=-1), jax.nn.softmax(t / temperature, axis=-1)
-  inter = 1.0 - jnp.mean(_pearson(y_s, y_t, axis=1))
-  intra = 1.0 - jnp.mean(_pearson(y_s, y_t, axis=0))
-  return temperature * temperature * (beta * inter + gamma * intra)
+  _logit_pair(student_logits, teacher_logits, "dist_loss")
+  return _dist(student_logits, teacher_logits, beta, gamma, temperature)
 
 
 def virtual_teacher_logits(labels: jax.Array, num_classes: int, *, correct_probability: float = 0.9) -> jax.Array:
-  """Tf-KD's virtual teacher as logits [B, K]: `correct_probability` on the label, the rest uniform.
+  """Log of Tf-KD's virtual teacher distribution: `correct_probability` on the label, the rest uniform.
 
-  Use with `kd_loss` for teacher-free KD (Tf-KD_reg); softmax(logits / T)
-  flattens the virtual distribution as the paper's code does.
+  softmax of these logits is the virtual distribution itself (use them with
+  `kd_loss` for a temperature-sharpened/-flattened variant). `teacher_free_kd_loss`
+  is Tf-KD_reg as the paper's code computes it.
+
+  Args:
+    labels: [B] int in [0, num_classes).
+    num_classes: K ≥ 2.
+    correct_probability: in (0, 1).
+
+  Returns:
+    [B, K] float32.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -197,9 +268,95 @@ def virtual_teacher_logits(labels: jax.Array, num_classes: int, *, correct_proba
     [0.05, 0.9, 0.05]
 
   References:
-    Yuan, Tay, Li, Wang & Feng 2020, "Revisiting Knowledge Distillation via Label Smoothing Regularization".
+    Yuan, Tay, Li, Wang & Feng 2020, "Revisiting Knowledge Distillation via Label Smoothing
+    Regularization", CVPR.
   """
+  return jnp.log(_virtual_teacher(labels, num_classes, correct_probability, "virtual_teacher_logits"))
+
+
+def _virtual_teacher(labels, num_classes, correct_probability, what):
   if not 0.0 < correct_probability < 1.0:
-    raise ValueError(f"correct_probability must lie in (0, 1), got {correct_probability}")
+    raise ValueError(f"{what}: correct_probability must lie in (0, 1), got {correct_probability}")
+  if num_classes < 2:
+    raise ValueError(f"{what}: needs at least 2 classes, got {num_classes}")
+  _checks.labels_in_range(labels, num_classes, what=what)
   off = (1.0 - correct_probability) / (num_classes - 1)
-  return jnp.log(jnp.where(jax.nn.one_hot(labels, num_classes) > 0, correct_probability, off))
+  return jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), correct_probability, off)
+
+
+@jax.jit
+def _tfkd(s, virtual, temperature):
+  log_p_t = jax.nn.log_softmax(virtual / temperature, axis=-1)
+  log_p_s = jax.nn.log_softmax(_f32(s), axis=-1)
+  return jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+
+
+def teacher_free_kd_loss(student_logits: jax.Array, labels: jax.Array, *, correct_probability: float = 0.99,
+                         temperature: float = 20.0) -> jax.Array:
+  """Teacher-free KD (Tf-KD_reg): KL(softmax(u / T) ‖ softmax(z_s)) per example, u the virtual teacher.
+
+  u puts `correct_probability` on the label and spreads the rest uniformly; as in
+  the paper's code, softmax is applied to the probabilities u / T (not to log u),
+  and the student is not softened. The code's objective is
+  (1 − α) · CE + α · multiplier · mean(this) / K (PyTorch's KLDivLoss() averages
+  over classes too), e.g. α = 0.1, T = 20, multiplier = 100 for ResNet-18.
+
+  Args:
+    student_logits: [B, K] float.
+    labels: [B] int in [0, K).
+    correct_probability: u's mass on the label, in (0, 1).
+    temperature: T > 0.
+
+  Returns:
+    [B] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> loss = teacher_free_kd_loss(jnp.zeros((1, 3)), jnp.array([0]))
+    >>> loss.shape, float(loss[0]) > 0
+    ((1,), True)
+
+  References:
+    Yuan, Tay, Li, Wang & Feng 2020, "Revisiting Knowledge Distillation via Label Smoothing
+    Regularization", CVPR.
+  """
+  _checks.positive(temperature, name="temperature")
+  _checks.floating(student_logits, what="teacher_free_kd_loss", name="student_logits")
+  _checks.rank(student_logits, (2,), what="teacher_free_kd_loss", name="logits [B, K]")
+  _labels(labels, student_logits, "teacher_free_kd_loss")
+  virtual = _virtual_teacher(labels, jnp.shape(student_logits)[-1], correct_probability, "teacher_free_kd_loss")
+  return _tfkd(student_logits, virtual, temperature)
+
+
+def class_wise_kd_loss(logits: jax.Array, partner_logits: jax.Array, *, temperature: float = 4.0) -> jax.Array:
+  """Class-wise self-KD: T² · KL(softmax(z' / T) ‖ softmax(z / T)), z' the same network's other same-class example.
+
+  The caller pairs each example with another example of the same class (the
+  paper's sampler draws a second image per class; within a batch, pick a random
+  other member of the class) and zeroes the rows that have no partner; the
+  partner's logits are a constant. The paper uses T = 4 and weight λ = 1 next to
+  the cross-entropy.
+
+  Args:
+    logits: [B, K] float, the network's logits for the examples.
+    partner_logits: [B, K] float, its logits for each example's partner (a constant).
+    temperature: T > 0.
+
+  Returns:
+    [B] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> z = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> [round(float(v), 4) for v in class_wise_kd_loss(z, z[::-1], temperature=1.0)]
+    [0.4621, 0.4621]
+
+  References:
+    Yun, Park, Lee & Shin 2020, "Regularizing Class-wise Predictions via Self-knowledge Distillation", CVPR.
+  """
+  _checks.positive(temperature, name="temperature")
+  _checks.same_shape(logits, partner_logits, what="class_wise_kd_loss", names=("logits", "partner_logits"))
+  _checks.rank(logits, (2,), what="class_wise_kd_loss", name="logits [B, K]")
+  _checks.floating(logits, what="class_wise_kd_loss", name="logits")
+  _checks.floating(partner_logits, what="class_wise_kd_loss", name="partner_logits")
+  return _kd(logits, partner_logits, temperature)

@@ -1,4 +1,8 @@
-"""Losses over relations between the examples of a batch: each returns a scalar."""
+"""Losses over relations between the examples of a batch: each returns a scalar.
+
+Inputs are flattened to [B, D] (feature maps included); student and teacher
+widths may differ, their batch sizes must not.
+"""
 from __future__ import annotations
 
 import math
@@ -8,20 +12,41 @@ import jax.numpy as jnp
 
 from kd_jax.losses import _checks
 
+# Exact float32 contractions on every backend (GPU's default would round through TF32).
+_HIGHEST = jax.lax.Precision.HIGHEST
 
-def _pair(student, teacher, what):
-  if jnp.shape(student)[0] != jnp.shape(teacher)[0]:
-    raise ValueError(f"{what}: student shape {jnp.shape(student)} and teacher shape {jnp.shape(teacher)} "
-                     "must have the same batch size")
-  flat = lambda x: x.reshape((x.shape[0], -1))
-  return flat(_checks.as_f32(student)), jax.lax.stop_gradient(flat(_checks.as_f32(teacher)))
+
+def _flat(x, constant=False):
+  x = jnp.asarray(x).astype(jnp.float32)
+  x = x.reshape((x.shape[0], -1))
+  return jax.lax.stop_gradient(x) if constant else x
+
+
+def _check_pair(student, teacher, what):
+  _checks.rank(student, (2, 3, 4, 5), what=what, name="student [B, ...]")
+  _checks.rank(teacher, (2, 3, 4, 5), what=what, name="teacher [B, ...]")
+  _checks.same_batch(student, teacher, what=what)
+  _checks.floating(student, what=what, name="student")
+  _checks.floating(teacher, what=what, name="teacher")
+
+
+def _gram(x):
+  return jnp.matmul(x, x.T, precision=_HIGHEST)
+
+
+@jax.jit
+def _similarity_preserving(s, t):
+  g_s = _checks.l2_normalize(_gram(_flat(s)))
+  g_t = _checks.l2_normalize(_gram(_flat(t, constant=True)))
+  return jnp.sum(jnp.square(g_t - g_s)) / (g_s.shape[0] ** 2)
 
 
 def similarity_preserving_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
   """Similarity-preserving KD: ‖G_t − G_s‖²_F / B², G = F Fᵀ with each row L2-normalised.
 
   Args:
-    student_features, teacher_features: [B, ...] float (flattened to [B, D]; D may differ).
+    student_features: [B, ...] float (flattened to [B, Ds]).
+    teacher_features: [B, ...] float (flattened to [B, Dt]), a constant.
 
   Returns:
     [] float32.
@@ -29,54 +54,59 @@ def similarity_preserving_loss(student_features: jax.Array, teacher_features: ja
   Example:
     >>> import jax.numpy as jnp
     >>> x = jnp.arange(6.0).reshape(2, 3)
-    >>> float(similarity_preserving_loss(x, 2 * x))
+    >>> round(float(similarity_preserving_loss(x, 2 * x)), 6)  # G is scale-invariant
     0.0
 
   References:
-    Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation".
+    Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation", ICCV.
   """
-  s, t = _pair(student_features, teacher_features, "similarity_preserving_loss")
-  g_s = _checks.l2_normalize(s @ s.T)
-  g_t = _checks.l2_normalize(t @ t.T)
-  return jnp.sum(jnp.square(g_t - g_s)) / (s.shape[0] ** 2)
+  _check_pair(student_features, teacher_features, "similarity_preserving_loss")
+  return _similarity_preserving(student_features, teacher_features)
 
 
 def _smooth_l1(x: jax.Array) -> jax.Array:
+  """Huber with δ = 1 (PyTorch's smooth_l1_loss, beta = 1)."""
   ax = jnp.abs(x)
   return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
 
 
-def _pairwise_distances(x: jax.Array) -> jax.Array:
-  squared = jnp.sum(jnp.square(x[:, None, :] - x[None, :, :]), axis=-1)
-  off_diagonal = ~jnp.eye(x.shape[0], dtype=bool)
-  # max inside the sqrt keeps gradients finite at zero distance; the diagonal is exactly 0.
-  return jnp.where(off_diagonal, jnp.sqrt(jnp.maximum(squared, 1e-12)), 0.0)
-
-
 def _normalised_distances(x: jax.Array) -> jax.Array:
-  d = _pairwise_distances(x)
+  """Pairwise Euclidean distances [B, B] divided by the mean of the positive ones."""
+  d = _checks.safe_norm(jnp.expand_dims(x, 1) - jnp.expand_dims(x, 0), axis=-1)  # exactly 0 for equal rows
   positive = d > 0
-  mean = jnp.sum(jnp.where(positive, d, 0.0)) / jnp.maximum(jnp.sum(positive), 1)
-  return d / jnp.maximum(mean, 1e-12)
+  mean = jnp.sum(d) / jnp.maximum(jnp.sum(positive), 1)
+  return d / jnp.where(mean > 0, mean, 1.0)
 
 
 def _angles(x: jax.Array) -> jax.Array:
-  diff = x[None, :, :] - x[:, None, :]  # [i, j] = x_j − x_i
-  unit = _checks.l2_normalize(diff)
-  return jnp.einsum("ijd,ikd->ijk", unit, unit)
+  """[i, j, k] = ⟨n(x_j − x_i), n(x_k − x_i)⟩, 0 where a difference is 0."""
+  unit = _checks.l2_normalize(jnp.expand_dims(x, 0) - jnp.expand_dims(x, 1))  # [i, j] = x_j − x_i
+  return jnp.einsum("ijd,ikd->ijk", unit, unit, precision=_HIGHEST)
+
+
+@jax.jit
+def _rkd(s, t, distance_weight, angle_weight):
+  s, t = _flat(s), _flat(t, constant=True)
+  distance = jnp.mean(_smooth_l1(_normalised_distances(s) - _normalised_distances(t)))
+  angle = jnp.mean(_smooth_l1(_angles(s) - _angles(t)))
+  return distance_weight * distance + angle_weight * angle
 
 
 def rkd_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Array, *, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> jax.Array:
   """Relational KD: distance-wise and angle-wise relations of the batch's embeddings.
 
-  Distance: pairwise Euclidean distances (diagonal 0), each matrix divided by the
-  mean of its positive entries, smooth-L1 averaged over the B² entries. Angle:
-  ⟨n(x_j − x_i), n(x_k − x_i)⟩ for all (i, j, k), a zero difference staying zero,
-  smooth-L1 averaged over the B³ entries.
+  Distance term: pairwise Euclidean distances (diagonal 0), each matrix divided
+  by the mean of its positive entries, smooth-L1 (Huber, δ = 1) averaged over
+  the B² entries. Angle term: ⟨n(x_j − x_i), n(x_k − x_i)⟩ for all (i, j, k), n
+  the L2 normalisation with a zero difference staying zero, smooth-L1 averaged
+  over the B³ entries. Memory is O(B² · D): meant for batch-sized B.
 
   Args:
-    student_embeddings: [B, Ds]; teacher_embeddings: [B, Dt] (flattened if higher rank).
+    student_embeddings: [B, Ds] float (higher ranks are flattened).
+    teacher_embeddings: [B, Dt] float, a constant.
+    distance_weight: weight of the distance term (25 in the paper).
+    angle_weight: weight of the angle term (50 in the paper).
 
   Returns:
     [] float32.
@@ -88,22 +118,33 @@ def rkd_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Array, *, di
     True
 
   References:
-    Park, Kim, Lu & Cho 2019, "Relational Knowledge Distillation".
+    Park, Kim, Lu & Cho 2019, "Relational Knowledge Distillation", CVPR.
   """
-  s, t = _pair(student_embeddings, teacher_embeddings, "rkd_loss")
-  distance = jnp.mean(_smooth_l1(_normalised_distances(s) - _normalised_distances(t)))
-  angle = jnp.mean(_smooth_l1(_angles(s) - _angles(t)))
-  return distance_weight * distance + angle_weight * angle
+  _check_pair(student_embeddings, teacher_embeddings, "rkd_loss")
+  return _rkd(student_embeddings, teacher_embeddings, distance_weight, angle_weight)
+
+
+@jax.jit
+def _pkt(s, t, eps):
+  def distribution(x):
+    x = _checks.l2_normalize(x)
+    similarity = (jnp.matmul(x, x.T, precision=_HIGHEST) + 1.0) / 2.0  # cosine mapped to [0, 1]
+    return similarity / jnp.sum(similarity, axis=1, keepdims=True)
+
+  p_s, p_t = distribution(_flat(s)), distribution(_flat(t, constant=True))
+  return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
 
 
 def pkt_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Array, *, eps: float = 1e-7) -> jax.Array:
   """Probabilistic knowledge transfer: KL between the batch's cosine-similarity distributions.
 
-  Rows L2-normalised; similarities c mapped to (c + 1) / 2 and each row divided by
-  its sum; the mean over the B² entries of t · log((t + eps) / (s + eps)).
+  Rows L2-normalised; the cosine-similarity matrix mapped to (c + 1) / 2 and each
+  row divided by its sum; the mean over the B² entries of t · log((t + eps) / (s + eps)).
 
   Args:
-    student_embeddings: [B, Ds]; teacher_embeddings: [B, Dt].
+    student_embeddings: [B, Ds] float (higher ranks are flattened).
+    teacher_embeddings: [B, Dt] float, a constant.
+    eps: guards the logarithm.
 
   Returns:
     [] float32.
@@ -115,29 +156,38 @@ def pkt_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Array, *, ep
     0.0
 
   References:
-    Passalis & Tefas 2018, "Learning Deep Representations with Probabilistic Knowledge Transfer".
+    Passalis & Tefas 2018, "Learning Deep Representations with Probabilistic Knowledge Transfer", ECCV.
   """
-  s, t = _pair(student_embeddings, teacher_embeddings, "pkt_loss")
+  _check_pair(student_embeddings, teacher_embeddings, "pkt_loss")
+  return _pkt(student_embeddings, teacher_embeddings, eps)
 
-  def distribution(x):
+
+@jax.jit(static_argnames=("gamma", "order"))
+def _correlation_congruence(s, t, gamma, order):
+  def correlation(x):
     x = _checks.l2_normalize(x)
-    similarity = (x @ x.T + 1.0) / 2.0
-    return similarity / jnp.sum(similarity, axis=1, keepdims=True)
+    dot = jnp.matmul(x, x.T, precision=_HIGHEST)
+    # exp(−γ‖xi − xj‖²) = exp(−2γ) · exp(2γ xiᵀxj) for unit rows; the second factor by its Taylor series.
+    return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * dot ** p for p in range(order + 1))
 
-  p_s, p_t = distribution(s), distribution(t)
-  return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
+  c_s, c_t = correlation(_flat(s)), correlation(_flat(t, constant=True))
+  return jnp.sum(jnp.square(c_s - c_t)) / (c_s.shape[0] ** 2)
 
 
 def correlation_congruence_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Array, *,
                                 gamma: float = 0.4, order: int = 2) -> jax.Array:
   """Correlation congruence: ‖C_s − C_t‖²_F / B² between the batch correlation matrices.
 
-  C_ij = k(x_i, x_j) with the Gaussian RBF exp(−γ‖x_i − x_j‖²) for L2-normalised
-  embeddings, written as exp(−2γ) · exp(2γ xᵢᵀxⱼ) and approximated by its Taylor
-  expansion to `order`: Σ_{p=0..P} exp(−2γ) (2γ)^p / p! · (xᵢᵀxⱼ)^p.
+  C_ij approximates the Gaussian RBF exp(−γ‖x_i − x_j‖²) of the L2-normalised
+  embeddings, written as exp(−2γ) · exp(2γ x_iᵀx_j) and expanded to `order`:
+  Σ_{p=0..P} exp(−2γ) (2γ)^p / p! · (x_iᵀx_j)^p. (The paper's full method adds
+  the cross-entropy and instance-level KD terms; combine them as you like.)
 
   Args:
-    student_embeddings: [B, D]; teacher_embeddings: [B, D] (CC's embedding layers map both to D).
+    student_embeddings: [B, Ds] float (CC's embedding layers usually map both to one width).
+    teacher_embeddings: [B, Dt] float, a constant.
+    gamma: γ of the RBF (a Python number).
+    order: P, the Taylor order (2 in the paper).
 
   Returns:
     [] float32.
@@ -149,13 +199,9 @@ def correlation_congruence_loss(student_embeddings: jax.Array, teacher_embedding
     0.0
 
   References:
-    Peng et al. 2019, "Correlation Congruence for Knowledge Distillation".
+    Peng, Jin, Liu, Li, Wu, Liu, Zhou & Zhang 2019, "Correlation Congruence for Knowledge Distillation", ICCV.
   """
-  s, t = _pair(student_embeddings, teacher_embeddings, "correlation_congruence_loss")
-
-  def correlation(x):
-    x = _checks.l2_normalize(x)
-    dot = x @ x.T
-    return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * dot ** p for p in range(order + 1))
-
-  return jnp.sum(jnp.square(correlation(s) - correlation(t))) / (s.shape[0] ** 2)
+  _check_pair(student_embeddings, teacher_embeddings, "correlation_congruence_loss")
+  if int(order) != order or order < 0:
+    raise ValueError(f"correlation_congruence_loss: order must be a non-negative integer, got {order}")
+  return _correlation_congruence(student_embeddings, teacher_embeddings, gamma=float(gamma), order=int(order))
