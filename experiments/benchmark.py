@@ -1,0 +1,743 @@
+r"""Speed and memory of the kd_jax train step against the same step in PyTorch.
+
+For each case, the kd_jax side is the real engine step (`engine.StepSpec`,
+`engine.init_state`, `engine.make_train_step` on `mesh.make_mesh()`), fed a
+fixed random uint8 batch placed on device once; the PyTorch side
+(`third_party/torch_reference.py`) trains the same architectures on the same
+batch with the same optimizer and loss (torchdistill's losses where it has
+them). Each side runs in its own subprocess, so its peak-memory figure is its
+own. Timing: `--warmup` steps (the first compiles), then `--repeats` timed
+loops of `--steps` steps each, synchronised only at the end of a loop
+(`jax.block_until_ready` / `torch.cuda.synchronize`); ms/step is the median
+loop. `compiles` counts XLA compilations after the first step (warm-up and
+timed loops), from `jax.monitoring`'s backend-compile events: it must be 0.
+
+  python -m experiments.benchmark                               # every case, table + benchmark.json
+  python -m experiments.benchmark --cases=hinton_mlp,resnet32x4_resnet8x4_kd --steps=20 --json=/tmp/b.json
+  python -m experiments.benchmark --tiny --steps=2              # small models: checks the harness in seconds
+  python -m experiments.benchmark --list
+
+A case is one entry of `CASES`: a function `(tiny) -> Case` whose `jax` and
+`torch` callables build the two sides (see `hinton_mlp` for a complete one).
+A case whose kd_jax feature is missing (model, loss, term) reports
+"skipped: ..." with what it needs. See BENCHMARKS.md for the columns.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+# Only the standard library at module level: the orchestrating process stays light and the
+# jax / torch workers import just their own framework.
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+MIB = 1024 * 1024
+
+MNIST = {"scale": 1.0 / 255.0, "mean": (0.0,), "std": (1.0,)}
+CIFAR100 = {"scale": 1.0 / 255.0, "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762)}
+# The CRD recipe (Tian et al. 2020): SGD 0.05, momentum 0.9, weight decay 5e-4.
+CRD_SGD = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+class Skipped(Exception):
+  """A case that cannot run here; the message says what it needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  steps: int | None = None  # None: each case's own default (`Case.steps`)
+  warmup: int = 2
+  repeats: int = 3
+  tiny: bool = False
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """Both sides of one benchmark case; `jax()` / `torch()` are only called inside their worker."""
+
+  description: str
+  batch: int  # per model and per step
+  images_per_step: int  # examples through a trained model per step (peers x batch for online methods)
+  jax: Callable[[], "JaxSetup"]
+  torch: Callable[[], Any]  # -> torch_reference.TorchStep
+  # Steps per timed loop unless --steps is given: sized so that the default run of every case fits
+  # in 10 minutes on 2 CPU cores, with loops of at least about a second.
+  steps: int = 4
+
+
+CASES: dict[str, Callable[[bool], Case]] = {}
+
+
+def register(name: str):
+  def wrap(fn: Callable[[bool], Case]):
+    if name in CASES:
+      raise ValueError(f"benchmark case {name!r} is registered twice")
+    CASES[name] = fn
+    return fn
+
+  return wrap
+
+
+# ----------------------------------------------------------------------------- the jax side
+
+
+@dataclasses.dataclass
+class JaxSetup:
+  """What the jax worker needs to build and run the engine step."""
+
+  spec: Any  # engine.StepSpec
+  batch: dict[str, Any]  # host numpy {"image": uint8 [S, B, H, W, C], "label": [S, B], "index": [S, B]}
+  input_shape: tuple[int, ...]
+  teacher_variables: Any = dataclasses.field(default_factory=dict)
+  check_state: Callable[[Any], str] | None = None  # -> a note about the initial state (e.g. a bank's shape)
+
+
+def missing(*, models: Sequence[str] = (), terms: Sequence[str] = (), losses: Sequence[str] = (),
+            exchange: str | None = None) -> list[str]:
+  """What of these kd_jax features is not there yet (model names, distill terms, kd_jax.losses functions)."""
+  from kd_jax import distill, losses as losses_lib, models as models_lib
+  from kd_jax.train import engine
+  out = [f"model {m} not available" for m in models if m not in models_lib.names()]
+  out += [f"distill term {t!r}" for t in terms if t not in distill.term_names()]
+  out += [f"kd_jax.losses.{f}" for f in losses if not hasattr(losses_lib, f)]
+  if exchange is not None and exchange not in engine.EXCHANGES:
+    out.append(f"engine exchange mode {exchange!r}")
+  return out
+
+
+def require(**kwargs) -> None:
+  """Raises `Skipped` naming every missing feature."""
+  gaps = missing(**kwargs)
+  absent_models = [g for g in gaps if g.startswith("model ")]
+  needs = [g for g in gaps if not g.startswith("model ")]
+  if gaps:
+    raise Skipped("skipped: " + "; ".join(absent_models + (["needs " + ", ".join(needs)] if needs else [])))
+
+
+def random_batch(*, streams: int, batch: int, input_shape: Sequence[int], num_classes: int, num_train: int,
+                 seed: int = 0) -> dict[str, Any]:
+  """A fixed random uint8 batch, the same for both sides."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return {"image": rng.integers(0, 256, (streams, batch) + tuple(input_shape), dtype=np.uint8),
+          "label": rng.integers(0, num_classes, (streams, batch), dtype=np.int32),
+          "index": rng.integers(0, num_train, (streams, batch), dtype=np.int32)}
+
+
+def jax_setup(*, student: str, num_classes: int, terms: dict[str, Any], optimizer: dict[str, Any],
+              normalize: dict[str, Any], batch: dict[str, Any], input_shape: tuple[int, ...],
+              student_kwargs: dict[str, Any] | None = None, teacher: str | None = None,
+              teacher_kwargs: dict[str, Any] | None = None, peers: int = 1, exchange: str = "none",
+              exchange_every: int = 1, num_train: int, check_state=None) -> JaxSetup:
+  """An engine StepSpec as `kd_jax.train.loop` builds it, and a randomly initialised teacher.
+
+  num_train: the training-set size the batch's "index" values come from (sizes memory banks).
+  """
+  import jax
+  import jax.numpy as jnp
+  from kd_jax import models
+  from kd_jax.data import augment
+  from kd_jax.distill import Objective
+  from kd_jax.train import engine, optim
+
+  schedule = optim.make_schedule({"name": "constant"}, base_lr=optimizer["learning_rate"], steps_per_epoch=1,
+                                 total_steps=1)
+  student_module = models.create(student, num_classes=num_classes, **(student_kwargs or {}))
+  teacher_module, teacher_variables = None, {}
+  if teacher is not None:
+    teacher_module = models.create(teacher, num_classes=num_classes, **(teacher_kwargs or {}))
+    # A random teacher costs the same as a trained one.
+    teacher_variables = jax.jit(lambda r: teacher_module.init(
+        r, jnp.zeros((1,) + input_shape, jnp.float32), train=False))(jax.random.PRNGKey(1))
+  spec = engine.StepSpec(
+      student=student_module, objective=Objective(terms, num_train=num_train),
+      optimizer=optim.make_optimizer(optimizer, schedule),
+      schedule=schedule, normalize=lambda x: augment.normalize(x, **normalize), teacher=teacher_module,
+      augment="none", peers=peers, exchange=exchange, exchange_every=exchange_every)
+  return JaxSetup(spec, batch, input_shape, teacher_variables, check_state)
+
+
+class CompileCounter:
+  """Counts XLA backend compilations (and jaxpr traces) through `jax.monitoring` duration events.
+
+  jit records BACKEND_COMPILE_EVENT around every executable it builds (a persistent
+  compilation-cache hit included), so a count of 0 over the timed loops means no
+  retracing or recompilation there.
+  """
+
+  def __init__(self):
+    import jax.monitoring
+    self.compiles = 0
+    self.traces = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del duration, kwargs
+    if event == BACKEND_COMPILE_EVENT:
+      self.compiles += 1
+    elif event == TRACE_EVENT:
+      self.traces += 1
+
+  def reset(self) -> tuple[int, int]:
+    counts = (self.compiles, self.traces)
+    self.compiles = self.traces = 0
+    return counts
+
+  def close(self) -> None:
+    import jax.monitoring
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
+  """Builds the engine step, runs warm-up and the timed loops; the jax half of a row."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from kd_jax.train import engine
+  from kd_jax.train import mesh as mesh_lib
+
+  counter = CompileCounter()
+  # The backend (client, thread pools) starts before the memory baseline: it is not the step's.
+  jax.block_until_ready(jnp.ones(8).sum())
+  memory = _Memory()
+  setup = case.jax()
+  spec = setup.spec
+  mesh = mesh_lib.make_mesh()
+  replicated = mesh_lib.replicated(mesh)
+  teacher_variables = jax.device_put(setup.teacher_variables, replicated)
+  example = jnp.zeros((mesh.devices.size,) + setup.input_shape, jnp.uint8)
+  rng = jax.random.PRNGKey(settings.seed)
+  abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
+  state_sharding = engine.state_shardings(mesh, abstract, spec)
+  state = jax.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
+      spec, rng, teacher_variables, example)
+  note = setup.check_state(state) if setup.check_state else ""
+  step = engine.make_train_step(spec, mesh, state_sharding)
+  batch = mesh_lib.put_batch(setup.batch, engine.batch_sharding(mesh, spec))
+  jax.block_until_ready((state, teacher_variables, batch))
+  trained = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+
+  counter.reset()
+  start = time.perf_counter()
+  state, metrics = step(state, teacher_variables, batch)
+  jax.block_until_ready((state, metrics))
+  first_step_s = time.perf_counter() - start
+  first_loss = float(metrics["loss"])
+  first_compiles, first_traces = counter.reset()
+  for _ in range(settings.warmup - 1):
+    state, metrics = step(state, teacher_variables, batch)
+  jax.block_until_ready((state, metrics))
+  memory.start_window()
+  loops = []
+  for _ in range(settings.repeats):
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+      state, metrics = step(state, teacher_variables, batch)
+    jax.block_until_ready((state, metrics))  # the only sync of the loop
+    loops.append((time.perf_counter() - start) / settings.steps)
+  compiles, traces = counter.reset()
+  counter.close()
+  device = jax.devices()[0]
+  peak, measure = memory.peak(device)
+  nonfinite = int(jax.device_get(state.nonfinite_step))
+  return {
+      **_timing(loops, case.images_per_step),
+      "device": (f"cpu: {jax.device_count()} device(s), {os.cpu_count()} cores" if device.platform == "cpu"
+                 else f"{device.platform}: {jax.device_count()} x {device.device_kind}"),
+      "peak_mib": peak, "memory_measure": measure,
+      # A first step that registered no compilation means the listener saw nothing: no count then.
+      "compiles": compiles if first_compiles else None, "traces": traces if first_compiles else None,
+      "compiles_first_step": first_compiles, "traces_first_step": first_traces,
+      "compile_method": f"jax.monitoring duration events {BACKEND_COMPILE_EVENT!r}",
+      "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5),
+      "nonfinite_step": nonfinite, "trained_params": trained, "note": note,
+      "versions": {"jax": jax.__version__},
+  }
+
+
+# ----------------------------------------------------------------------------- the torch side
+
+
+def run_torch(case: Case, settings: Settings) -> dict[str, Any]:
+  """Builds the PyTorch reference step, runs warm-up and the timed loops; the torch half of a row."""
+  try:
+    import torch
+  except ImportError:
+    raise Skipped("skipped: torch not installed") from None
+  sys.path.insert(0, str(REPO))
+  from third_party import torch_reference
+
+  torch.manual_seed(settings.seed)
+  device = torch_reference.setup()
+  torch.ones(8, device=device).sum().item()  # start the runtime before the memory baseline
+  memory = _Memory()
+  ref = case.torch()
+  start = time.perf_counter()
+  first_loss = float(ref.step())  # .item() syncs
+  first_step_s = time.perf_counter() - start
+  for _ in range(settings.warmup - 1):
+    ref.step()
+  ref.sync()
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+  memory.start_window()
+  loops = []
+  for _ in range(settings.repeats):
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+      loss = ref.step()
+    ref.sync()  # the only sync of the loop (a no-op on CPU, where every op is synchronous)
+    loops.append((time.perf_counter() - start) / settings.steps)
+  finite = bool(torch.isfinite(loss).item())
+  if device.type == "cuda":
+    peak, measure = torch.cuda.max_memory_allocated(device) / MIB, "torch.cuda.max_memory_allocated"
+  else:
+    peak, measure = memory.peak(None)
+  name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+  return {
+      **_timing(loops, case.images_per_step),
+      "device": f"{device.type}: {name}" + (", channels_last" if ref.channels_last else ""),
+      "peak_mib": round(peak, 1), "memory_measure": measure,
+      "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5), "finite": finite,
+      "trained_params": ref.trained_params, "versions": {"torch": torch.__version__},
+      "loss_source": torch_reference.loss_source(),
+  }
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _timing(loops: list[float], images_per_step: int) -> dict[str, Any]:
+  ms = statistics.median(loops) * 1e3
+  return {"ms_per_step": round(ms, 3), "ms_per_step_min": round(min(loops) * 1e3, 3),
+          "ms_per_step_loops": [round(t * 1e3, 3) for t in loops], "images_per_s": round(images_per_step / ms * 1e3, 1)}
+
+
+def _status_kib(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+class _Memory:
+  """Host memory of this process: RSS high-water mark over the timed loops minus the RSS before building.
+
+  On Linux writing 5 to /proc/self/clear_refs resets the high-water mark, so
+  compilation's transient memory (before the window) is not counted, while
+  everything the step keeps (parameters, optimizer state, the batch, compiled
+  code) and its transient activations are. Elsewhere: ru_maxrss since start
+  (which then includes compilation).
+  """
+
+  def __init__(self):
+    self.base_kib = _status_kib("VmRSS")
+    self.windowed = False
+
+  def start_window(self) -> None:
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+      self.windowed = True
+    except OSError:
+      self.windowed = False
+
+  def peak(self, device) -> tuple[float, str]:
+    stats = device.memory_stats() if device is not None and device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+      return round(stats["peak_bytes_in_use"] / MIB, 1), "device peak_bytes_in_use"
+    if self.windowed and self.base_kib is not None:
+      return round((_status_kib("VmHWM") - self.base_kib) / 1024, 1), "host RSS high-water delta"
+    maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round((maxrss_kib - (self.base_kib or 0)) / 1024, 1), "host ru_maxrss delta (incl. compile)"
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _torch_models(*names_kwargs: tuple[str, dict[str, Any]], num_classes: int, in_features: int = 784):
+  from third_party import torch_reference
+  return [torch_reference.create(n, num_classes=num_classes, in_features=in_features, **kw) for n, kw in names_kwargs]
+
+
+@register("hinton_mlp")
+def hinton_mlp(tiny: bool) -> Case:
+  """Hinton et al. 2015 on MNIST: 784-1200-1200-10 teacher -> 784-800-800-10 student, CE + KD at T=20."""
+  b = 16 if tiny else 128
+  shape, classes = (28, 28, 1), 10
+  teacher = ("mlp", {"widths": (64, 64), "dropout": 0.5, "input_dropout": 0.2}) if tiny else ("mlp_1200", {})
+  student = ("mlp", {"widths": (32, 32)}) if tiny else ("mlp_800", {})
+  ce, kd, temperature = 0.1, 0.9, 20.0
+  sgd = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}
+  num_train = 60000
+  batch = lambda: random_batch(streams=1, batch=b, input_shape=shape, num_classes=classes, num_train=num_train)
+
+  def build_jax():
+    require(models=[teacher[0], student[0]], terms=["ce", "kd"], losses=["cross_entropy", "kd_loss"])
+    return jax_setup(student=student[0], student_kwargs=student[1], teacher=teacher[0], teacher_kwargs=teacher[1],
+                     num_classes=classes,
+                     terms={"ce": {"weight": ce}, "kd": {"weight": kd, "temperature": temperature}},
+                     optimizer=sgd, normalize=MNIST, batch=batch(), input_shape=shape, num_train=num_train)
+
+  def build_torch():
+    from third_party import torch_reference as tr
+    s, t = _torch_models(student, teacher, num_classes=classes)
+    kd_fn = tr.make_kd_loss(ce_weight=ce, kd_weight=kd, temperature=temperature)
+    data = batch()
+    return tr.offline_step(student=s, teacher=t, images=data["image"][0], labels=data["label"][0],
+                           index=data["index"][0], optimizer=sgd, normalize=MNIST, channels_last=False,
+                           loss_fn=lambda so, to, y, i, extra: kd_fn(so[0], to[0], y))
+
+  return Case(f"{teacher[0]} -> {student[0]}, 0.1 CE + 0.9 KD (T=20), SGD 0.1 m0.9", b, b, build_jax, build_torch,
+              steps=50)
+
+
+def _cifar_offline(tiny: bool, *, teacher: str, student: str, tiny_models: tuple[str, str], terms: dict[str, Any],
+                   torch_loss: Callable[[], Callable], needs: dict[str, Any], description: str,
+                   check_state=None, num_train: int = 50000) -> Case:
+  """A CIFAR-100 teacher -> student case with the CRD recipe's SGD; B = 64 (16 when tiny)."""
+  b, shape, classes = (16 if tiny else 64), (32, 32, 3), 100
+  teacher, student = tiny_models if tiny else (teacher, student)
+  batch = lambda: random_batch(streams=1, batch=b, input_shape=shape, num_classes=classes, num_train=num_train)
+
+  def build_jax():
+    require(models=[teacher, student], **needs)
+    return jax_setup(student=student, teacher=teacher, num_classes=classes, terms=terms, optimizer=CRD_SGD,
+                     normalize=CIFAR100, batch=batch(), input_shape=shape, num_train=num_train,
+                     check_state=check_state)
+
+  def build_torch():
+    from third_party import torch_reference as tr
+    s, t = _torch_models((student, {}), (teacher, {}), num_classes=classes)
+    loss_fn, extra = torch_loss()
+    data = batch()
+    return tr.offline_step(student=s, teacher=t, images=data["image"][0], labels=data["label"][0],
+                           index=data["index"][0], optimizer=CRD_SGD, normalize=CIFAR100, channels_last=True,
+                           loss_fn=loss_fn, extra=extra)
+
+  return Case(f"{teacher} -> {student}, {description}", b, b, build_jax, build_torch)
+
+
+@register("resnet32x4_resnet8x4_kd")
+def resnet32x4_resnet8x4_kd(tiny: bool) -> Case:
+  """CRD's CIFAR-100 KD row: 0.1 CE + 0.9 KD at T=4; student BN in train mode, teacher in eval mode."""
+
+  def torch_loss():
+    from third_party import torch_reference as tr
+    kd_fn = tr.make_kd_loss(ce_weight=0.1, kd_weight=0.9, temperature=4.0)
+    return (lambda so, to, y, i, extra: kd_fn(so[0], to[0], y)), None
+
+  return _cifar_offline(tiny, teacher="resnet32x4", student="resnet8x4", tiny_models=("resnet8", "resnet8"),
+                        terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
+                        torch_loss=torch_loss, needs={"terms": ["ce", "kd"], "losses": ["cross_entropy", "kd_loss"]},
+                        description="0.1 CE + 0.9 KD (T=4), SGD 0.05 m0.9 wd5e-4")
+
+
+@register("wrn_40_2_wrn_16_2_at")
+def wrn_40_2_wrn_16_2_at(tiny: bool) -> Case:
+  """CRD's CIFAR-100 AT row: CE + 1000 x attention transfer on the three stage outputs (p=2)."""
+
+  def torch_loss():
+    from third_party import torch_reference as tr
+    at_fn = tr.make_at_loss(3)
+    return (lambda so, to, y, i, extra: tr.F.cross_entropy(so[0], y) + 1000.0 * at_fn(so[1][1:4], to[1][1:4])), None
+
+  return _cifar_offline(tiny, teacher="wrn_40_2", student="wrn_16_2", tiny_models=("wrn_16_1", "wrn_16_1"),
+                        terms={"ce": {"weight": 1.0}, "at": {"weight": 1000.0}}, torch_loss=torch_loss,
+                        needs={"terms": ["ce", "at"], "losses": ["cross_entropy", "attention_transfer_loss"]},
+                        description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4")
+
+
+# CRD's memory: one 128-d embedding per CIFAR training image and view, 16384 negatives per example.
+CRD_BANK = {"num_data": 50000, "dim": 128, "num_negatives": 16384, "temperature": 0.07, "momentum": 0.5}
+CRD_BANK_TINY = {"num_data": 1000, "dim": 16, "num_negatives": 64, "temperature": 0.07, "momentum": 0.5}
+
+
+def _crd_bank_note(bank: dict[str, Any]):
+  """Checks that the crd term's state holds the intended bank; its shape is the row's note."""
+
+  def check(state) -> str:
+    import jax
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(state.method_state)]
+    want = (bank["num_data"], bank["dim"])
+    if any(s[-2:] == want for s in shapes):
+      return f"bank {want[0]}x{want[1]}"
+    return f"bank {want[0]}x{want[1]} not found in the crd state (leaves {shapes})"
+
+  return check
+
+
+@register("resnet32x4_resnet8x4_crd")
+def resnet32x4_resnet8x4_crd(tiny: bool) -> Case:
+  """CRD's CIFAR-100 CRD row: CE + 0.8 CRD, memory bank 50,000 x 128 per view, 16384 negatives."""
+  bank = CRD_BANK_TINY if tiny else CRD_BANK
+  options = {k: bank[k] for k in ("dim", "num_negatives", "temperature", "momentum")}
+
+  def torch_loss():
+    from third_party import torch_reference as tr
+    width = 64 if tiny else 256  # pre_logits of resnet8 / of resnet8x4 and resnet32x4
+    head = tr.CRDHead(width, width, feat_dim=bank["dim"], num_data=bank["num_data"],
+                      num_negatives=bank["num_negatives"], temperature=bank["temperature"], momentum=bank["momentum"])
+    return (lambda so, to, y, i, extra: tr.F.cross_entropy(so[0], y) + 0.8 * extra(so[1][-1], to[1][-1], i)), head
+
+  return _cifar_offline(tiny, teacher="resnet32x4", student="resnet8x4", tiny_models=("resnet8", "resnet8"),
+                        terms={"ce": {"weight": 1.0}, "crd": {"weight": 0.8, **options}}, torch_loss=torch_loss,
+                        needs={"terms": ["ce", "crd"], "losses": ["cross_entropy", "crd_loss"]},
+                        description=f"CE + 0.8 CRD (bank {bank['num_data']}x{bank['dim']}, "
+                                    f"{bank['num_negatives']} negatives), SGD 0.05 m0.9 wd5e-4",
+                        check_state=_crd_bank_note(bank), num_train=bank["num_data"])
+
+
+def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str, torch_mode: str, streams: int,
+                 description: str, needs: dict[str, Any], peers: int = 2, exchange_every: int = 1,
+                 steps: int = 1) -> Case:
+  """`peers` copies of `model` trained in one step: the engine's vmapped peer axis; in PyTorch, a loop over
+  the peers and one SGD over all of them. CIFAR-100, B = 64 per peer (16 when tiny), the CRD recipe's SGD.
+
+  One step per timed loop by default: the 2-peer jax step takes about 10 s on 2 CPU cores (the vmapped
+  convolutions become grouped convolutions, see BENCHMARKS.md), so more would break the 10-minute budget.
+  """
+  b, shape, classes = (16 if tiny else 64), (32, 32, 3), 100
+  model = "resnet8" if tiny else model
+  num_train = 50000
+  batch = lambda: random_batch(streams=streams, batch=b, input_shape=shape, num_classes=classes, num_train=num_train)
+
+  def build_jax():
+    require(models=[model], exchange=exchange, **needs)
+    return jax_setup(student=model, num_classes=classes, terms=terms, optimizer=CRD_SGD, normalize=CIFAR100,
+                     batch=batch(), input_shape=shape, peers=peers, exchange=exchange, exchange_every=exchange_every,
+                     num_train=num_train)
+
+  def build_torch():
+    from third_party import torch_reference as tr
+    data = batch()
+    return tr.peers_step(peers=_torch_models(*[(model, {})] * peers, num_classes=classes), images=data["image"],
+                         labels=data["label"], mode=torch_mode, optimizer=CRD_SGD, normalize=CIFAR100,
+                         channels_last=True, temperature=1.0, exchange_every=exchange_every)
+
+  return Case(f"{peers} x {model}, {description}", b, peers * b, build_jax, build_torch, steps=steps)
+
+
+@register("dml_resnet32_x2")
+def dml_resnet32_x2(tiny: bool) -> Case:
+  """Deep mutual learning (Zhang et al. 2018): 2 peers, CE + KL to the other's predictions (T=1), one batch."""
+  return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}, "dml": {"weight": 1.0}},
+                      exchange="predictions", torch_mode="dml", streams=1,
+                      description="DML: CE + KL(other peer, T=1), shared batch",
+                      needs={"terms": ["ce", "dml"], "losses": ["cross_entropy", "kd_loss"]})
+
+
+CODISTILL_EVERY = 10  # steps between refreshes of the stale peer copies
+
+
+@register("codistill_resnet32_x2")
+def codistill_resnet32_x2(tiny: bool) -> Case:
+  """Co-distillation (Anil et al. 2018): 2 replicas, each on its own batch, CE + KL to the other's stale copy."""
+  return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}, "codistill": {"weight": 1.0}},
+                      exchange="stale", exchange_every=CODISTILL_EVERY, torch_mode="codistill_stale", streams=2,
+                      description=f"co-distillation: CE + KL(stale peer copy, refreshed every {CODISTILL_EVERY} "
+                                  "steps), own batch per replica",
+                      needs={"terms": ["ce", "codistill"], "losses": ["cross_entropy"]})
+
+
+@register("independent_resnet32_x2")
+def independent_resnet32_x2(tiny: bool) -> Case:
+  """Co-distillation's baseline, 2 independent runs: 2 peers of CE alone in one step, nothing exchanged."""
+  return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}}, exchange="none",
+                      torch_mode="independent", streams=1, description="2 independent runs in one step: CE only",
+                      needs={"terms": ["ce"], "losses": ["cross_entropy"]})
+
+
+@register("single_resnet32")
+def single_resnet32(tiny: bool) -> Case:
+  """One run of CE alone (peers = 1): twice its time is 2 separate runs, the peer axis' cost is the rest."""
+  return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}}, exchange="none", peers=1,
+                      torch_mode="independent", streams=1, description="one run: CE only", steps=4,
+                      needs={"terms": ["ce"], "losses": ["cross_entropy"]})
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def _worker(side: str, name: str, settings: Settings) -> dict[str, Any]:
+  """One side of one case, in this process; never raises (a failure is the row's status)."""
+  try:
+    case = CASES[name](settings.tiny)
+    settings = dataclasses.replace(settings, steps=settings.steps or case.steps)
+    result = (run_jax if side == "jax" else run_torch)(case, settings)
+    return {"status": "ok", **result}
+  except Skipped as e:
+    return {"status": "skipped", "reason": str(e)}
+  except Exception as e:  # reported in the row; the other cases still run
+    import traceback
+    return {"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+def _spawn(side: str, name: str, settings: Settings, timeout: float) -> dict[str, Any]:
+  """Runs `_worker` in a fresh interpreter (its own peak memory, no state shared with the other side)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "result.json")
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", side, "--cases", name,
+           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
+           "--seed", str(settings.seed), "--result", out] + (["--tiny"] if settings.tiny else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    try:
+      proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    if proc.returncode or not os.path.exists(out):
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+      return {"status": "error", "reason": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+    with open(out) as f:
+      return json.load(f)
+
+
+def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "torch"), isolate: bool = True,
+             timeout: float = 1800.0) -> dict[str, Any]:
+  """One row: both sides (each in a subprocess unless `isolate` is False), ratio, status."""
+  case = CASES[name](settings.tiny)
+  settings = dataclasses.replace(settings, steps=settings.steps or case.steps)
+  row: dict[str, Any] = {"case": name, "description": case.description, "batch": case.batch,
+                         "images_per_step": case.images_per_step, "steps": settings.steps,
+                         "repeats": settings.repeats, "warmup": settings.warmup}
+  if isolate:
+    run = lambda side: _spawn(side, name, settings, timeout)
+  else:
+    run = lambda side: _worker(side, name, settings)
+  for side in sides:
+    result = run(side)
+    row[side] = result
+    if side == "jax" and result["status"] == "skipped":
+      break  # the torch half alone would not make a comparison
+  statuses = {side: row[side]["status"] for side in sides if side in row}
+  bad = [s for s in sides if s in row and statuses[s] != "ok"]
+  row["status"] = "ok" if not bad else row[bad[0]]["status"]
+  row["reason"] = "; ".join(f"{s}: {row[s]['reason']}" if row[s]["status"] == "error" else row[s]["reason"]
+                            for s in bad)
+  if statuses.get("jax") == "ok" and statuses.get("torch") == "ok":
+    row["ratio"] = round(row["jax"]["ms_per_step"] / row["torch"]["ms_per_step"], 3)
+    if row["jax"]["trained_params"] != row["torch"]["trained_params"]:
+      row["reason"] = (f"trained parameters differ: jax {row['jax']['trained_params']}, "
+                       f"torch {row['torch']['trained_params']}")
+  return row
+
+
+def _fmt(value, digits: int = 1) -> str:
+  return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+  """The markdown table of a run."""
+  head = ("| case | batch | device (jax / torch) | jax ms/step | torch ms/step | ratio jax/torch | jax img/s "
+          "| torch img/s | jax peak MiB | torch peak MiB | compiles | note |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for row in rows:
+    jx, th = row.get("jax", {}), row.get("torch", {})
+    ok_j, ok_t = jx.get("status") == "ok", th.get("status") == "ok"
+    devices = " / ".join(d for d in (jx.get("device"), th.get("device")) if d) or "—"
+    mem = lambda side, ok: (f"{_fmt(side['peak_mib'])} ({_short_measure(side['memory_measure'])})" if ok else "—")
+    lines.append("| " + " | ".join([
+        row["case"], str(row["batch"]), devices,
+        _fmt(jx.get("ms_per_step")) if ok_j else "—", _fmt(th.get("ms_per_step")) if ok_t else "—",
+        _fmt(row.get("ratio"), 2), _fmt(jx.get("images_per_s"), 0) if ok_j else "—",
+        _fmt(th.get("images_per_s"), 0) if ok_t else "—", mem(jx, ok_j), mem(th, ok_t),
+        str(jx.get("compiles")) if ok_j else "—", row.get("reason") or "",
+    ]) + " |")
+  return "\n".join(lines)
+
+
+def _short_measure(measure: str) -> str:
+  return {"host RSS high-water delta": "RSS", "device peak_bytes_in_use": "device",
+          "torch.cuda.max_memory_allocated": "cuda"}.get(measure, measure)
+
+
+def _meta(settings: Settings, sides: Sequence[str]) -> dict[str, Any]:
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+  return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "host": platform.node(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+          "python": platform.python_version(), "commit": commit.strip(), "load_average_start": os.getloadavg(),
+          "settings": dataclasses.asdict(settings), "sides": list(sides),
+          # Threading settings change CPU timings a lot (see BENCHMARKS.md).
+          "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")
+                  if k in os.environ}}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--cases", default="all", help="comma-separated case names, or 'all' (see --list)")
+  p.add_argument("--steps", type=int, default=None, help="steps per timed loop (default: each case's own, "
+                 "see --list)")
+  p.add_argument("--warmup", type=int, default=Settings.warmup, help="untimed steps first (the first compiles)")
+  p.add_argument("--repeats", type=int, default=Settings.repeats, help="timed loops; ms/step is their median")
+  p.add_argument("--json", default="benchmark.json", help="where to write the results")
+  p.add_argument("--tiny", action="store_true", help="small models and batch 16: checks the harness quickly")
+  p.add_argument("--sides", default="jax,torch", help="which sides to run: jax,torch | jax | torch")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--timeout", type=float, default=1800.0, help="seconds per side of a case")
+  p.add_argument("--inprocess", action="store_true", help="run both sides in this process (debugging; "
+                 "peak memory then mixes both frameworks)")
+  p.add_argument("--list", action="store_true", help="print the cases and exit")
+  p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  p.add_argument("--result", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if (args.steps is not None and args.steps < 1) or args.warmup < 1 or args.repeats < 1:
+    p.error("--steps, --warmup and --repeats must be >= 1 (the first warm-up step compiles)")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  args = parse_args(argv)
+  if args.list:
+    for name, fn in CASES.items():
+      case = fn(args.tiny)
+      print(f"{name:28s} B={case.batch:<4d} steps={case.steps:<3d} {case.description}")
+    return []
+  names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+  unknown = [n for n in names if n not in CASES]
+  if unknown:
+    raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+  settings = Settings(steps=args.steps, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny, seed=args.seed)
+  if args.worker:
+    result = _worker(args.worker, names[0], settings)
+    with open(args.result, "w") as f:
+      json.dump(result, f, indent=2)
+    return [result]
+  sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+  meta = _meta(settings, sides)
+  rows = []
+  for name in names:
+    start = time.time()
+    rows.append(run_case(name, settings, sides=sides, isolate=not args.inprocess, timeout=args.timeout))
+    rows[-1]["wall_s"] = round(time.time() - start, 1)
+    print(f"{name}: {rows[-1]['status']} ({rows[-1]['wall_s']} s) {rows[-1].get('reason', '')}", file=sys.stderr)
+  meta["load_average_end"] = os.getloadavg()
+  with open(args.json, "w") as f:
+    json.dump({"meta": meta, "cases": rows}, f, indent=2)
+  print(table(rows))
+  print(f"\n{meta['date']}, {meta['machine']}, load average {meta['load_average_start'][0]:.1f} -> "
+        f"{meta['load_average_end'][0]:.1f}; {settings.repeats} timed loops of "
+        f"{settings.steps or 'each case default'} steps after {settings.warmup} warm-up steps; written to {args.json}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
