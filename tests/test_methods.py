@@ -33,6 +33,7 @@ def digits_table():
   config.data.eval_batch_size = 360
   config.epochs = 1
   config.progress = False
+  config.rows.teacher.augment = "none"  # a 2-pixel jitter wrecks 8x8 digits
   return config
 
 
@@ -45,8 +46,11 @@ def digits_results(tmp_path_factory):
 def test_every_row_of_the_mnist_method_table_trains(digits_results):
   _, results = digits_results
   assert set(results) == set(digits_table().rows)
+  table = digits_table()
   for name, result in results.items():
     assert np.isfinite(result["test_loss"]), name
+    if set(table.rows[name].terms) == {"hint"}:
+      continue  # FitNets' hint stage trains the lower layers only: its classifier is still untrained
     assert result["test_accuracy"] > 0.3, (name, result["test_accuracy"])  # 22 steps; chance is 0.1
 
 

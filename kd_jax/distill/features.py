@@ -25,57 +25,58 @@ def _pairs(student_names, teacher_names, who):
   return list(zip(student_names, teacher_names))
 
 
-class Regressor(nn.Module):
-  """FitNets' regressor from a student feature to the teacher's shape (as in the CRD code's ConvReg).
+def init_connector(module: nn.Module, rng, x, *args):
+  """(params, batch_stats) of a connector module applied to example inputs."""
+  variables = module.init(rng, x, *args, train=False)
+  return variables["params"], variables.get("batch_stats", {})
 
-  Maps [B, H, W, Cs] -> [B, H', W', Ct] (stride-2 conv, transposed conv or a
-  valid conv for the spatial change, then BatchNorm on the batch and ReLU), or
-  [B, Ds] -> [B, Dt] with a Dense layer for vector features.
-  """
 
-  teacher_shape: Sequence[int]  # one example, without the batch axis
-
-  @nn.compact
-  def __call__(self, x):
-    if x.ndim == 2:
-      return nn.Dense(self.teacher_shape[-1])(x)
-    (s_h, s_w), (t_h, t_w, t_c) = x.shape[1:3], self.teacher_shape
-    if s_h == 2 * t_h:
-      x = nn.Conv(t_c, (3, 3), strides=2, padding=1)(x)
-    elif 2 * s_h == t_h:
-      x = nn.ConvTranspose(t_c, (4, 4), strides=(2, 2), padding="SAME")(x)
-    elif s_h >= t_h:
-      x = nn.Conv(t_c, (1 + s_h - t_h, 1 + s_w - t_w), padding="VALID")(x)
-    else:
-      raise ValueError(f"no regressor from spatial size {(s_h, s_w)} to {(t_h, t_w)}")
-    # Statistics of the batch: the regressor exists only in training.
-    x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)(x)
-    return nn.relu(x)
+def apply_connector(module: nn.Module, params, batch_stats, x, *args):
+  """The connector in training mode: (output, new batch_stats)."""
+  if batch_stats:
+    out, updates = module.apply({"params": params, "batch_stats": batch_stats}, x, *args, train=True,
+                                mutable=["batch_stats"])
+    return out, updates["batch_stats"]
+  return module.apply({"params": params}, x, *args, train=True), batch_stats
 
 
 @register_term("hint")
 class Hint(Term):
-  """FitNets (Romero et al. 2015): regress the teacher's feature from the student's through a regressor."""
+  """FitNets (Romero et al. 2015): regress the teacher's feature from the student's.
+
+  Maps go through FitNets' regressor (connectors.ConvReg: conv + BN + ReLU to the
+  teacher's shape), vectors through a Dense layer; `regressor=False` compares them as they are.
+  """
 
   needs_teacher = True
 
   def __init__(self, student_feature: str = "stage2", teacher_feature: str = "stage2", regressor: bool = True):
     self.student_feature, self.teacher_feature, self.regressor = student_feature, teacher_feature, regressor
 
-  def _regressor(self, teacher):
-    return Regressor(tuple(feature(teacher, self.teacher_feature, who="teacher").shape[1:]))
+  def _connector(self, teacher) -> nn.Module:
+    t = feature(teacher, self.teacher_feature, who="teacher")
+    if t.ndim == 4:
+      return connectors.ConvReg(out_channels=t.shape[-1], out_hw=tuple(t.shape[1:3]))
+    return nn.Dense(t.shape[-1])
 
   def init(self, rng, student, teacher):
     if not self.regressor:
       return {}, {}
-    variables = self._regressor(teacher).init(rng, feature(student, self.student_feature, who="student"))
-    return variables["params"], {}
+    s = feature(student, self.student_feature, who="student")
+    module = self._connector(teacher)
+    if isinstance(module, nn.Dense):
+      return module.init(rng, s)["params"], {}
+    return init_connector(module, rng, s)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     s = feature(student, self.student_feature, who="student")
     t = jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher"))
     if self.regressor:
-      s, _ = self._regressor(teacher).apply({"params": params}, s, mutable=["batch_stats"])
+      module = self._connector(teacher)
+      if isinstance(module, nn.Dense):
+        s = module.apply({"params": params}, s)
+      else:
+        s, state = apply_connector(module, params, state, s)
     return losses.hint_loss(s, t), state
 
 
@@ -162,21 +163,6 @@ class PKT(_PairTerm):
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.pkt_loss(*self._features(student, teacher)), state
-
-
-def init_connector(module: nn.Module, rng, x, *args):
-  """(params, batch_stats) of a connector module applied to example inputs."""
-  variables = module.init(rng, x, *args, train=False)
-  return variables["params"], variables.get("batch_stats", {})
-
-
-def apply_connector(module: nn.Module, params, batch_stats, x, *args):
-  """The connector in training mode: (output, new batch_stats)."""
-  if batch_stats:
-    out, updates = module.apply({"params": params, "batch_stats": batch_stats}, x, *args, train=True,
-                                mutable=["batch_stats"])
-    return out, updates["batch_stats"]
-  return module.apply({"params": params}, x, *args, train=True), batch_stats
 
 
 def _match_spatial(student, teacher):
