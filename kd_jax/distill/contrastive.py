@@ -15,8 +15,8 @@ class CRD(Term):
 
   Both networks' pooled features go through a linear embedding head to `dim`
   (L2-normalised; both heads are trained, the teacher network stays frozen);
-  NCE against `num_negatives` examples drawn uniformly from the training set
-  each step (the paper's code also offers class-aware drawing), with the bank
+  NCE against `num_negatives` other examples drawn uniformly from the training
+  set each step (the paper's code also offers class-aware drawing), with the bank
   [N, dim] of each side in the term state, its rows split over the mesh axis
   "data". The batch must carry each example's dataset index ("index").
   """
@@ -42,8 +42,8 @@ class CRD(Term):
     s = self.embed.apply({"params": params["student"]}, feature(student, self.student_feature, who="student"))
     t = self.embed.apply({"params": params["teacher"]},
                          jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher")))
-    negatives = jax.random.randint(jax.random.fold_in(batch["rng"], 7), (s.shape[0], self.num_negatives), 0,
-                                   self.num_train)
+    negatives = losses.crd_sample_negatives(jax.random.fold_in(batch["rng"], 7), batch["index"], self.num_train,
+                                            self.num_negatives)
     loss, bank = losses.crd_loss(s, t, batch["index"], negatives, state, temperature=self.temperature,
                                  momentum=self.momentum)
     return loss, bank

@@ -58,6 +58,5 @@ class ClassWiseSelfKD(Term):
     score = jax.random.uniform(jax.random.fold_in(batch["rng"], 17), (b, b))
     partner = jnp.argmax(jnp.where(same, score, -1.0), axis=1)
     has_partner = jnp.any(same, axis=1)
-    partner_logits = jax.lax.stop_gradient(student.logits[partner])
-    kl = losses.kd_loss(student.logits, partner_logits, temperature=self.temperature)
+    kl = losses.class_wise_kd_loss(student.logits, student.logits[partner], temperature=self.temperature)
     return jnp.where(has_partner, kl, 0.0), state
