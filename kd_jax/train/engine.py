@@ -80,6 +80,10 @@ class StepSpec:
   # Weight distillation, phase 1: the trained params are a generator of the
   # student's weights from the teacher's (a plan from weight_distillation.make_plan).
   generator: tuple[weight_distillation.Group, ...] | None = None
+  # Peers that share devices run one after another: vmapping over their weights
+  # turns convolutions into grouped ones, which XLA's CPU backend runs several
+  # times slower. Peers on their own replica groups are vmapped (in parallel).
+  sequential_peers: bool = True
 
   def __post_init__(self):
     if self.exchange not in EXCHANGES:
@@ -140,6 +144,29 @@ def teacher_outputs(spec: StepSpec, teacher_variables, images, indices=None) -> 
   return jax.lax.stop_gradient(Outputs(logits, features))
 
 
+def over_peers(spec: StepSpec, fn: Callable, in_axes):
+  """`fn` mapped over the peer axis (0 in `in_axes`; None: shared by all peers).
+
+  One peer runs unbatched; several run under vmap, or sequentially (lax.map) when
+  `spec.sequential_peers`. The results are stacked [K, ...] either way.
+  """
+
+  def run(*args):
+    if spec.peers > 1 and not spec.sequential_peers:
+      return jax.vmap(fn, in_axes=in_axes)(*args)
+
+    def one(sliced):
+      it = iter(sliced)
+      return fn(*[next(it) if axis == 0 else arg for arg, axis in zip(args, in_axes)])
+
+    mapped = [arg for arg, axis in zip(args, in_axes) if axis == 0]
+    if spec.peers == 1:
+      return jax.tree.map(lambda x: x[None], one([jax.tree.map(lambda x: x[0], m) for m in mapped]))
+    return jax.lax.map(one, mapped)
+
+  return run
+
+
 def _peer_rngs(rng, peers):
   return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(peers))
 
@@ -164,7 +191,7 @@ def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images
     term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
     return variables["params"], variables.get("batch_stats", {}), term_params, method_state
 
-  student, batch_stats, term_params, method_state = jax.vmap(init_peer)(_peer_rngs(rng, spec.peers))
+  student, batch_stats, term_params, method_state = over_peers(spec, init_peer, (0,))(_peer_rngs(rng, spec.peers))
   if spec.generator is not None:
     student = jax.tree.map(lambda x: x[None], weight_distillation.init_generator(spec.generator))
   params = {"student": student, "terms": term_params}
@@ -207,9 +234,9 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
       return spec.student.apply(_variables(params, batch_stats), peer_images, train=False)
 
     # Peer k reads the copy of peer (k - shift) for each shift: its own stale peers, on its own batch.
-    stale = [jax.vmap(peer_predictions)(*jax.tree.map(lambda x: jnp.roll(x, shift, axis=0),
-                                                      (state.exchange["params"], state.exchange["batch_stats"])),
-                                        images)
+    stale = [over_peers(spec, peer_predictions, (0, 0, 0))(
+        *jax.tree.map(lambda x: jnp.roll(x, shift, axis=0), (state.exchange["params"], state.exchange["batch_stats"])),
+        images)
              for shift in range(1, k)]
     stale_logits = jax.lax.stop_gradient(jnp.stack(stale, axis=1))  # [K, K-1, B, classes]
 
@@ -221,7 +248,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
     return logits, features, updates.get("batch_stats", {})
 
   def loss_fn(params):
-    logits, features, batch_stats = jax.vmap(peer_forward, in_axes=(0, 0, 0, stream_axis))(
+    logits, features, batch_stats = over_peers(spec, peer_forward, (0, 0, 0, stream_axis))(
         params["student"], state.batch_stats["student"], _peer_rngs(dropout_rng, k), pick(images))
     if spec.exchange == "predictions":
       sources, source_axis = Outputs(jax.lax.stop_gradient(_others(logits, k))), 0
@@ -234,7 +261,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
       return spec.objective(term_params, method_state, Outputs(logits, features), source,
                             {**peer_batch, "rng": peer_rng}, step=state.step)
 
-    loss, metrics, method_state = jax.vmap(objective, in_axes=(0, 0, 0, 0, stream_axis, source_axis, 0))(
+    loss, metrics, method_state = over_peers(spec, objective, (0, 0, 0, 0, stream_axis, source_axis, 0))(
         params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources,
         _peer_rngs(jax.random.fold_in(dropout_rng, 1), k))
     labels = batch["label"] if spec.streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:2])
@@ -311,13 +338,15 @@ def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
       donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, normalize, mesh: Mesh):
+def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
   peers' ensemble (mean of probabilities) "ensemble_correct", and "count"."""
 
   def eval_step(variables, batch):
     images = normalize(batch["image"].astype(jnp.float32))
-    logits = jax.vmap(lambda v: model.apply(v, images, train=False))(variables)  # [K, B, classes]
+    apply = lambda v: model.apply(v, images, train=False)
+    # [K, B, classes]; as in training, peers sharing devices run one after another.
+    logits = jax.lax.map(apply, variables) if sequential else jax.vmap(apply)(variables)
     mask = batch["mask"].astype(jnp.float32)
     hits = lambda l: (jnp.argmax(l, -1) == batch["label"]).astype(jnp.float32)
     masked_sum = jax.vmap(lambda per_example: jnp.sum(per_example * mask))  # over peers
