@@ -20,12 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 __all__ = ["capture", "module_paths", "feature_shapes", "WithFeatures"]
-
-
-def _path(module: nn.Module) -> str:
-  return "/".join(str(p) for p in module.path)
 
 
 def _recorder(prefix: tuple[str, ...] = ()) -> tuple[dict[str, list[Any]], Callable[..., Any]]:
@@ -92,8 +89,6 @@ def feature_shapes(module: nn.Module, input_shape: Sequence[int], *, batch: int 
 
   Connectors are sized from these, e.g. `feature_shapes(teacher, (32, 32, 3))['stage3']`.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
   (_, feats), _ = jax.eval_shape(
       lambda x: module.init_with_output(jax.random.key(0), x, train=False, return_features=True), x

@@ -17,7 +17,7 @@ pre_logits               [B, 64k]
 
 The blocks are pre-activation, so a stage's output has not been through a ReLU.
 As in RepDistiller's `preact=True` (and its `get_bn_before_relu`, used by OFD),
-`stemK_preact` / `stageK_preact` are the stage output after the BN that comes
+`stem_preact` / `stageK_preact` are the stage output after the BN that comes
 next (the first BN of the next stage, or the final BN for `stage3`): the tensor
 that the network's next ReLU reads. Shapes as the stage's.
 """
