@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py
 
 $(VENV)/.compare: $(VENV)/.installed
 	$(PIP) install -q '$(TORCH_SPEC)'
-	$(PIP) install -q --no-deps torchdistill
+	$(PIP) install -q --no-deps torchdistill torchvision==0.28.0
 	touch $@
 
 venv: $(VENV)/.installed
