@@ -15,7 +15,7 @@ import pytest
 
 from kd_jax import distill, train
 from kd_jax.train import checkpoint, loop
-from tests.configs import tiny_digits, tiny_online
+from tests.configs import tiny_crd, tiny_digits, tiny_online
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "tests", "configs", "tiny_digits.py")
@@ -199,9 +199,9 @@ def test_non_finite_steps_can_be_skipped(tmp_path):
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 
 
-@pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online"])
+@pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online", "tiny_crd"])
 def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path):
-  """KD (teacher + distilled student) and DML (2 peers on the replica axis): 2 x 4 devices == 1 x 8."""
+  """KD, DML (2 peers on the replica axis) and CRD (bank rows over "data"): 2 x 4 devices == 1 x 8."""
   workdir = str(tmp_path)
   port = 20000 + (os.getpid() + len(config_name)) % 20000
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -211,7 +211,7 @@ def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path)
   for proc in procs:
     assert proc.wait() == 0, proc.output()[-3000:]
   single = str(tmp_path / "single")
-  module = {"tiny_digits": tiny_digits, "tiny_online": tiny_online}[config_name]
+  module = {"tiny_digits": tiny_digits, "tiny_online": tiny_online, "tiny_crd": tiny_crd}[config_name]
   config = module.get_config()
   config.epochs = 1
   results = train.run(config, single)
