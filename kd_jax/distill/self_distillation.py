@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 from kd_jax.distill import Term, feature, register_term
-from kd_jax.models import exits as _exits  # noqa: F401  (registers "with_exits")
 
 
 @register_term("byot")
