@@ -12,6 +12,10 @@ max-norm) and recipe (Adam 1e-3, cosine decay, batch 128). Rows:
   dml                       Zhang et al. 2018: 2 students learning from each other (CE + KL), no teacher
   codistill                 Anil et al. 2018: 2 replicas on their own data, each distilling from the
                             other's parameters copied every 200 steps, after a burn-in of 2 epochs
+  one                       Lan et al. 2018: ONE, the student's first layer shared by 3 branches (each its own
+                            second layer and head) and a gate; the gated ensemble of the branches teaches
+                            each of them (KL at T=3) besides their and its own CE; reports branch 0, a
+                            784-800-800-10 network (kd_jax/models/one.py)
   ban_gen1, ban_gen2        Furlanello et al. 2018: generation 1 distils from `student` (same
                             architecture), generation 2 from generation 1; gen 2 also reports the
                             ensemble of student, gen 1 and gen 2
@@ -55,6 +59,8 @@ def get_config(rows: str = ""):
   c.rows.dml = row(peers=2, exchange="predictions", terms={"ce": {}, "dml": {"temperature": 1.0}}, **student)
   c.rows.codistill = row(peers=2, exchange="stale", exchange_every_steps=200, **student,
                          terms={"ce": {}, "codistill": {"temperature": 1.0, "start_epoch": 2}})
+  c.rows.one = row(model="one", model_kwargs={"base": "mlp_800", "branches": 3}, terms={"one": {"temperature": 3.0}},
+                   **common)
   c.rows.ban_gen1 = row(teacher="student", terms=kd, **student)
   c.rows.ban_gen2 = row(teacher="ban_gen1", terms=kd, ensemble_with=["student", "ban_gen1"], **student)
   c.rows.takd_assistant = row(model="mlp", model_kwargs={"widths": [1000, 1000]}, teacher="teacher", terms=kd,
