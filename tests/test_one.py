@@ -160,6 +160,7 @@ def test_one_on_mnist_learns(tmp_path):
   select_rows(config, "one")
   config.epochs = 3
   config.progress = False
+  config.mesh.data = 1  # one device: 8 fake CPU devices only slow a long run down on a small machine
   result = train.run(config, str(tmp_path))["one"]
   print("ONE on MNIST, 3 epochs:", {k: result[k] for k in ("test_accuracy", "test_errors", "wall_time_s")})
   assert result["test_accuracy"] > 0.97
