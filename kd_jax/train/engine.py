@@ -80,9 +80,8 @@ class StepSpec:
   # Weight distillation, phase 1: the trained params are a generator of the
   # student's weights from the teacher's (a plan from weight_distillation.make_plan).
   generator: tuple[weight_distillation.Group, ...] | None = None
-  # Peers that share devices run one after another: vmapping over their weights
-  # turns convolutions into grouped ones, which XLA's CPU backend runs several
-  # times slower. Peers on their own replica groups are vmapped (in parallel).
+  # Peers that share devices run one after another, peers on their own replica
+  # groups in parallel (vmapped); see `map_peers`.
   sequential_peers: bool = True
 
   def __post_init__(self):
@@ -144,27 +143,28 @@ def teacher_outputs(spec: StepSpec, teacher_variables, images, indices=None) -> 
   return jax.lax.stop_gradient(Outputs(logits, features))
 
 
-def over_peers(spec: StepSpec, fn: Callable, in_axes):
-  """`fn` mapped over the peer axis (0 in `in_axes`; None: shared by all peers).
+def map_peers(fn: Callable, args, in_axes, *, peers: int, sequential: bool):
+  """`fn` mapped over the peer axis of `args` (axis 0 in `in_axes`; None: shared by all peers).
 
-  One peer runs unbatched; several run under vmap, or sequentially (lax.map) when
-  `spec.sequential_peers`. The results are stacked [K, ...] either way.
+  Results are stacked [K, ...]. Peers that share devices (`sequential`) run one
+  after another, as K unrolled copies of `fn` in the one jitted step: vmapping
+  over their weights turns convolutions into grouped ones, and a loop (lax.map,
+  i.e. an XLA while loop) made XLA:CPU's 2-peer ResNet step ~25x slower than two
+  single steps (BENCHMARKS.md); unrolled, each peer is the ordinary single-model
+  graph. Peers on their own replica groups are vmapped, in parallel.
   """
+  if peers > 1 and not sequential:
+    return jax.vmap(fn, in_axes=in_axes)(*args)
 
-  def run(*args):
-    if spec.peers > 1 and not spec.sequential_peers:
-      return jax.vmap(fn, in_axes=in_axes)(*args)
+  def peer(k):
+    return fn(*[jax.tree.map(lambda x: x[k], arg) if axis == 0 else arg for arg, axis in zip(args, in_axes)])
 
-    def one(sliced):
-      it = iter(sliced)
-      return fn(*[next(it) if axis == 0 else arg for arg, axis in zip(args, in_axes)])
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[peer(k) for k in range(peers)])
 
-    mapped = [arg for arg, axis in zip(args, in_axes) if axis == 0]
-    if spec.peers == 1:
-      return jax.tree.map(lambda x: x[None], one([jax.tree.map(lambda x: x[0], m) for m in mapped]))
-    return jax.lax.map(one, mapped)
 
-  return run
+def over_peers(spec: StepSpec, fn: Callable, in_axes):
+  """`map_peers` with the peer count and execution of `spec`, as a function of the args."""
+  return lambda *args: map_peers(fn, args, in_axes, peers=spec.peers, sequential=spec.sequential_peers)
 
 
 def _peer_rngs(rng, peers):
@@ -344,9 +344,10 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
 
   def eval_step(variables, batch):
     images = normalize(batch["image"].astype(jnp.float32))
-    apply = lambda v: model.apply(v, images, train=False)
     # [K, B, classes]; as in training, peers sharing devices run one after another.
-    logits = jax.lax.map(apply, variables) if sequential else jax.vmap(apply)(variables)
+    peers = jax.tree.leaves(variables)[0].shape[0]
+    logits = map_peers(lambda v: model.apply(v, images, train=False), (variables,), (0,), peers=peers,
+                       sequential=sequential)
     mask = batch["mask"].astype(jnp.float32)
     hits = lambda l: (jnp.argmax(l, -1) == batch["label"]).astype(jnp.float32)
     masked_sum = jax.vmap(lambda per_example: jnp.sum(per_example * mask))  # over peers
