@@ -28,7 +28,8 @@ def _pairs(student_names, teacher_names, who):
 def init_connector(module: nn.Module, rng, x, *args):
   """(params, batch_stats) of a connector module applied to example inputs."""
   variables = module.init(rng, x, *args, train=False)
-  return variables["params"], variables.get("batch_stats", {})
+  # A connector may have no params (AB's identity connector when the shapes already agree).
+  return variables.get("params", {}), variables.get("batch_stats", {})
 
 
 def apply_connector(module: nn.Module, params, batch_stats, x, *args):
@@ -82,7 +83,11 @@ class Hint(Term):
 
 @register_term("at")
 class AttentionTransfer(Term):
-  """Attention transfer (Zagoruyko & Komodakis 2017), summed over matched stages."""
+  """Attention transfer (Zagoruyko & Komodakis 2017), summed over matched stages.
+
+  Maps of different spatial sizes (cross-architecture pairs) are matched by
+  average-pooling the larger one, as RepDistiller's `Attention` does.
+  """
 
   needs_teacher = True
 
@@ -93,8 +98,9 @@ class AttentionTransfer(Term):
   def __call__(self, student, teacher, batch, params, state, *, step):
     total = 0.0
     for s_name, t_name in self.pairs:
-      t = jax.lax.stop_gradient(feature(teacher, t_name, who="teacher"))
-      total = total + losses.attention_transfer_loss(feature(student, s_name, who="student"), t, p=self.p)
+      s, t = _match_spatial(feature(student, s_name, who="student"),
+                            jax.lax.stop_gradient(feature(teacher, t_name, who="teacher")))
+      total = total + losses.attention_transfer_loss(s, t, p=self.p)
     return total, state
 
 
@@ -253,7 +259,8 @@ class ActivationBoundaries(_ConnectedPairs):
 
 @register_term("nst")
 class NST(Term):
-  """Neuron selectivity transfer (Huang & Wang 2017), summed over matched stages."""
+  """Neuron selectivity transfer (Huang & Wang 2017), summed over matched stages (the larger map
+  average-pooled to the smaller's size, as RepDistiller's `NSTLoss`)."""
 
   needs_teacher = True
 
@@ -264,8 +271,9 @@ class NST(Term):
   def __call__(self, student, teacher, batch, params, state, *, step):
     total = 0.0
     for s_name, t_name in self.pairs:
-      t = jax.lax.stop_gradient(feature(teacher, t_name, who="teacher"))
-      total = total + losses.nst_loss(feature(student, s_name, who="student"), t)
+      s, t = _match_spatial(feature(student, s_name, who="student"),
+                            jax.lax.stop_gradient(feature(teacher, t_name, who="teacher")))
+      total = total + losses.nst_loss(s, t)
     return total, state
 
 
@@ -291,3 +299,131 @@ class CorrelationCongruence(Term):
     t = self.embed.apply({"params": params["teacher"]},
                          jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher")))
     return losses.correlation_congruence_loss(s, t, gamma=self.gamma, order=self.order), state
+
+
+@register_term("ft")
+class FactorTransfer(Term):
+  """Factor transfer (Kim et al. 2018): the student's translated factor against the teacher's paraphrased one.
+
+  Two stages, two config rows (crd_cifar100.py's `..._ft_init` and `..._ft`):
+    stage="paraphraser": trains FT's paraphraser (connectors.Paraphraser, an
+      autoencoder on the teacher's feature) on the reconstruction MSE of that
+      feature; run it as a row with `freeze=["student"]` so only the paraphraser learns.
+    stage="transfer": the FT loss between the translator's output on the
+      student's feature (trained with the student) and the paraphraser's factor
+      of the teacher's. The paraphraser is frozen (`frozen_params`): the row must
+      start from the paraphraser stage (`init_from`), which hands over the term's
+      params by name and shape.
+  The larger factor map is average-pooled to the smaller's size. `factor="paper"`
+  compares the L2-normalised flattened factors (losses.factor_transfer_loss);
+  `factor="repdistiller"` first reduces each factor to the mean over channels of
+  its square, as RepDistiller's `FactorTransfer` (p1=2) whose weight (200) and
+  figures the CRD table uses.
+  """
+
+  needs_teacher = True
+  STAGES = ("paraphraser", "transfer")
+  FACTORS = ("paper", "repdistiller")
+
+  def __init__(self, student_feature: str = "stage3", teacher_feature: str = "stage3", stage: str = "transfer",
+               rate: float = 0.5, p: int = 1, factor: str = "paper", paraphraser_bn: bool = False,
+               translator_bn: bool = True):
+    if stage not in self.STAGES:
+      raise ValueError(f"ft: unknown stage {stage!r}; known: {self.STAGES}")
+    if factor not in self.FACTORS:
+      raise ValueError(f"ft: unknown factor {factor!r}; known: {self.FACTORS}")
+    self.student_feature, self.teacher_feature, self.stage = student_feature, teacher_feature, stage
+    self.rate, self.p, self.factor = rate, p, factor
+    self.paraphraser = connectors.Paraphraser(rate=rate, use_bn=paraphraser_bn)
+    self.translator_bn = translator_bn
+    # Term params the optimizer must leave alone; the engine requires them from init_from.
+    self.frozen_params = ("paraphraser",) if stage == "transfer" else ()
+
+  def _translator(self, teacher_map):
+    return connectors.Translator(teacher_channels=teacher_map.shape[-1], rate=self.rate, use_bn=self.translator_bn)
+
+  def _teacher_map(self, teacher):
+    t = jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher"))
+    if t.ndim != 4:
+      raise ValueError(f"ft: teacher feature {self.teacher_feature!r} must be a map [B, H, W, C], got {t.shape}")
+    return t
+
+  def init(self, rng, student, teacher):
+    t = self._teacher_map(teacher)
+    p_rng, t_rng = jax.random.split(rng)
+    params, state = {}, {}
+    params["paraphraser"], stats = init_connector(self.paraphraser, p_rng, t)
+    if stats:
+      state["paraphraser"] = stats
+    if self.stage == "transfer":
+      s = feature(student, self.student_feature, who="student")
+      params["translator"], stats = init_connector(self._translator(t), t_rng, s)
+      if stats:
+        state["translator"] = stats
+    return params, state
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    t = self._teacher_map(teacher)
+    new_state = dict(state)
+    if self.stage == "paraphraser":
+      (_, reconstruction), stats = apply_connector(self.paraphraser, params["paraphraser"],
+                                                   state.get("paraphraser", {}), t)
+      if stats:
+        new_state["paraphraser"] = stats
+      diff = reconstruction.astype(jnp.float32) - t.astype(jnp.float32)
+      return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=1), new_state
+    # The frozen paraphraser runs in inference mode (RepDistiller puts it in eval()).
+    frozen = jax.lax.stop_gradient({"params": params["paraphraser"],
+                                    **({"batch_stats": state["paraphraser"]} if "paraphraser" in state else {})})
+    teacher_factor, _ = self.paraphraser.apply(frozen, t, train=False)
+    student_factor, stats = apply_connector(self._translator(t), params["translator"], state.get("translator", {}),
+                                            feature(student, self.student_feature, who="student"))
+    if stats:
+      new_state["translator"] = stats
+    student_factor, teacher_factor = _match_spatial(student_factor, jax.lax.stop_gradient(teacher_factor))
+    if self.factor == "repdistiller":
+      reduce = lambda f: jnp.mean(jnp.square(f.astype(jnp.float32)), axis=-1)  # [B, H, W]
+      student_factor, teacher_factor = reduce(student_factor), reduce(teacher_factor)
+    return losses.factor_transfer_loss(student_factor, teacher_factor, p=self.p), new_state
+
+
+@register_term("reviewkd")
+class ReviewKD(Term):
+  """Knowledge review (Chen et al. 2021): the student's levels fused deep to shallow, against the teacher's.
+
+  The student's features (shallow to deep, the pooled embedding last) go through
+  ReviewKD's attention-based fusion (connectors.ReviewKDFusion, the term's params;
+  its BatchNorm statistics the term's state), which maps level i to the teacher's
+  feature i's channels and size; the loss is the hierarchical context loss
+  (losses.hierarchical_context_loss). As in the authors' code and mdistiller, the
+  teacher's maps are taken before their final ReLU (`stageK_preact`), the
+  student's after it (on CIFAR). Warm the weight up with `warmup_epochs` (20).
+  """
+
+  needs_teacher = True
+
+  def __init__(self, student_features: Sequence[str] = ("stage1", "stage2", "stage3", "pre_logits"),
+               teacher_features: Sequence[str] = ("stage1_preact", "stage2_preact", "stage3_preact", "pre_logits"),
+               levels: Sequence[int] = (4, 2, 1), max_mid_channels: int = 512):
+    self.pairs = _pairs(student_features, teacher_features, "reviewkd")
+    self.levels, self.max_mid_channels = tuple(levels), max_mid_channels
+
+  def _features(self, student, teacher):
+    s = [feature(student, name, who="student") for name, _ in self.pairs]
+    t = [jax.lax.stop_gradient(feature(teacher, name, who="teacher")) for _, name in self.pairs]
+    return s, [x[:, None, None, :] if x.ndim == 2 else x for x in t]  # the pooled level as a 1x1 map
+
+  def _fusion(self, s, t):
+    return connectors.ReviewKDFusion(
+        out_channels=tuple(int(x.shape[-1]) for x in t),
+        mid_channels=min(self.max_mid_channels, int(s[-1].shape[-1])),
+        out_hw=tuple(tuple(int(d) for d in x.shape[1:3]) for x in t))
+
+  def init(self, rng, student, teacher):
+    s, t = self._features(student, teacher)
+    return init_connector(self._fusion(s, t), rng, s)
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    s, t = self._features(student, teacher)
+    fused, state = apply_connector(self._fusion(s, t), params, state, s)
+    return losses.hierarchical_context_loss(fused, t, levels=self.levels), state

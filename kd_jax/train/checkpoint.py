@@ -2,7 +2,8 @@
 
 A run directory holds `checkpoints/<step>/` (the full train state, saved every N
 steps, at the end, and on SIGTERM) and `final/` (the trained model's variables
-and a JSON description, which is what a later row loads as its teacher).
+and a JSON description, which is what a later row loads as its teacher, and the
+loss terms' connector params and state, which a later stage row restores).
 Orbax writes to a temporary directory and renames it when complete, so a kill
 at any moment leaves the previous checkpoints loadable.
 """
@@ -69,11 +70,17 @@ class Checkpointer:
     self._manager.close()
 
 
-def save_model(directory: str, variables: Any, description: dict[str, Any]) -> None:
-  """Writes a trained model's variables and description (model name, kwargs, classes, input shape)."""
+def save_model(directory: str, variables: Any, description: dict[str, Any], *, terms: Any = None) -> None:
+  """Writes a trained model's variables and description (model name, kwargs, classes, input shape).
+
+  terms: optionally the loss terms' {"params": {term: ...}, "state": {term: ...}}
+    (connectors such as FT's paraphraser), read back by `load_terms`.
+  """
   directory = os.path.abspath(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, "variables"), variables, force=True)
+    if terms is not None and jax.tree.leaves(terms):
+      checkpointer.save(os.path.join(directory, "terms"), terms, force=True)
   if jax.process_index() == 0:
     with open(os.path.join(directory, "model.json"), "w") as f:
       json.dump(description, f, indent=2)
@@ -93,3 +100,15 @@ def load_model(directory: str) -> tuple[Any, dict[str, Any]]:
   except Exception as e:
     raise CheckpointError(f"cannot read the model variables in {directory!r}: {e}") from e
   return variables, description
+
+
+def load_terms(directory: str) -> dict[str, Any]:
+  """The loss terms' {"params", "state"} that `save_model` wrote with the model ({} if none)."""
+  path = os.path.join(os.path.abspath(directory), "terms")
+  if not os.path.isdir(path):
+    return {}
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return dict(checkpointer.restore(path))
+  except Exception as e:
+    raise CheckpointError(f"cannot read the loss terms' params in {directory!r}: {e}") from e

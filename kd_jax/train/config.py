@@ -7,7 +7,8 @@ workdir) or the directory of a trained model (`<workdir>/<row>/final`).
 Multi-stage recipes are rows chained by `init_from` (FitNets: a hint stage,
 then KD from its weights), each stage with its own optimizer and epochs.
 `config.epochs`, when > 0, overrides every row's epochs (`--config.epochs=3`
-for a quick run of a whole table).
+for a quick run of a whole table); `config.max_steps`, when > 0, stops every
+row after that many steps (smoke runs: the schedule is still the full one).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.epochs = 0  # > 0: overrides every row's epochs
+  c.max_steps = 0  # > 0: every row stops after this many steps (smoke runs)
   c.data = ml_collections.ConfigDict({"name": "digits", "dir": "", "batch_size": 64, "eval_batch_size": 200})
   c.mesh = ml_collections.ConfigDict({"replica": 1, "data": -1})
   c.log_every_steps = 50
@@ -53,7 +55,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
         init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
         weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
-        paper: float | str = "") -> ml_collections.ConfigDict:
+        freeze: Sequence[str] = (), paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
   peers: K models trained together (online methods: DML, co-distillation), laid
@@ -61,7 +63,14 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
     peers' predictions on a shared batch) or "stale" (each peer on its own data,
     distilling from copies of the others refreshed every `exchange_every_steps`).
   epochs: this row's epochs (unless config.epochs > 0 overrides all rows).
-  init_from: a row (or trained-model directory) whose weights start this row.
+  init_from: a row (or trained-model directory) whose weights start this row;
+    the loss terms' params (and connector state) saved with it are restored too
+    where this row has a term param of the same name and shape (FT's paraphraser).
+  freeze: params the optimizer leaves unchanged (no update, no weight decay):
+    "student", "terms", or "terms/<term>[/<param>...]" (a stage row that trains
+    only a connector: FT's paraphraser stage freezes "student"). A term's own
+    frozen params (`frozen_params`, e.g. FT's paraphraser in its transfer stage)
+    are frozen without being listed, and must come from init_from.
   ensemble_with: rows whose models are ensembled with this one at the end
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
@@ -81,6 +90,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
       "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
       "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
+      "freeze": list(freeze),
       "paper": str(paper),  # text, so a table can mix numbers and notes
   })
 
@@ -104,6 +114,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys(config.mesh, base.mesh, "mesh.")
   if not isinstance(config.epochs, int) or config.epochs < 0:
     raise ValueError(f"epochs must be a non-negative int, got {config.epochs!r}")
+  if not isinstance(config.max_steps, int) or config.max_steps < 0:
+    raise ValueError(f"max_steps must be a non-negative int, got {config.max_steps!r}")
   for key in ("batch_size", "eval_batch_size"):
     if config.data[key] < 1:
       raise ValueError(f"data.{key} must be positive, got {config.data[key]}")
@@ -113,7 +125,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not config.rows:
     raise ValueError("the config has no rows: add at least one to config.rows")
   example = row(model="mlp", terms={"ce": {}})
-  from kd_jax import data, models  # local: keeps config importable on its own
+  from kd_jax import data, distill, models  # local: keeps config importable on its own
 
   if config.data.name not in data.names():
     raise ValueError(f"unknown dataset {config.data.name!r}{_suggest(config.data.name, data.names())}; "
@@ -125,6 +137,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_keys(r.exchange, example.exchange, f"rows.{name}.exchange.")
     _check_keys(r.weight_generator, example.weight_generator, f"rows.{name}.weight_generator.")
     models.spec(r.model)  # unknown model: error listing the known ones
+    terms = r.terms.to_dict() if hasattr(r.terms, "to_dict") else dict(r.terms)
+    try:  # unknown term names and options, non-numeric weights: before anything trains
+      distill.Objective(terms)
+    except ValueError as e:
+      raise ValueError(f"rows.{name}.terms: {e}") from e
+    for path in r.get("freeze", ()):
+      parts = str(path).split("/")
+      if parts[0] not in ("student", "terms") or (parts[0] == "student" and len(parts) > 1) or (
+          len(parts) > 1 and parts[1] not in terms):
+        raise ValueError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', 'terms' or "
+                         f"'terms/<term>[/...]' with a term of the row ({sorted(terms)})")
     if r.teacher == name:
       raise ValueError(f"row {name!r} names itself as its teacher")
     if row_epochs(config, name) < 1:
@@ -177,6 +200,8 @@ def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, A
   out = {key: _get(config, key) for key in _RUN_KEYS}
   out["epochs"] = row_epochs(config, row_name)
   out.update({f"rows.{row_name}.{key}": _get(config.rows[row_name], key) for key in _ROW_KEYS})
+  if config.rows[row_name].get("freeze"):  # only when set, so older checkpoints still resume
+    out[f"rows.{row_name}.freeze"] = _get(config.rows[row_name], "freeze")
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint
 
 

@@ -2,7 +2,8 @@
 
 Each row lives in `workdir/<row>/`: `checkpoints/` (resumable train state),
 `metrics.jsonl` (training metrics every `log_every_steps`, test metrics every
-epoch), `final/` (the trained model, which later rows load as a teacher) and
+epoch), `final/` (the trained model, which later rows load as a teacher, with
+its loss terms' connector params, which a later stage row restores) and
 `result.json`. `workdir/results.json` maps each row to its result. Running the
 same command again resumes an interrupted row and skips finished ones.
 """
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 
 from kd_jax import data as data_lib
@@ -175,6 +177,50 @@ def _load_init(directory: str, row, name: str):
   return variables
 
 
+def _frozen_paths(row, objective: Objective) -> list[tuple[str, ...]]:
+  """Param paths the optimizer leaves alone: the row's `freeze` and the terms' own `frozen_params`."""
+  paths = [tuple(str(p).split("/")) for p in row.get("freeze", ())]
+  for term_name, term in objective.terms.items():
+    paths += [("terms", term_name, key) for key in getattr(term, "frozen_params", ())]
+  return paths
+
+
+def _with_frozen(optimizer, frozen: list[tuple[str, ...]]):
+  """`optimizer` on every param but those under the `frozen` paths, which get no update at all."""
+  if not frozen:
+    return optimizer
+
+  def labels(params):
+    def label(path, _):
+      keys = tuple(str(getattr(k, "key", k)) for k in path)
+      return "frozen" if any(keys[:len(f)] == f for f in frozen) else "trained"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+
+def _restore_terms(saved: dict[str, Any], current: Any, *, peers: int, what: str, row_name: str):
+  """`current` (peer-stacked [K, ...] term params or state) with the leaves of `saved` (one peer's)
+  that have the same path and shape; returns (tree, restored paths)."""
+  flat_saved = {tuple(str(getattr(k, "key", k)) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  restored = []
+
+  def pick(path, leaf):
+    key = tuple(str(getattr(k, "key", k)) for k in path)
+    if key not in flat_saved:
+      return leaf
+    value = np.asarray(flat_saved[key])
+    if value.shape != tuple(leaf.shape[1:]):
+      log.warning("row %s: init_from's term %s %s has shape %s, this row's %s: not restored", row_name, what,
+                  "/".join(key), value.shape, tuple(leaf.shape[1:]))
+      return leaf
+    restored.append("/".join(key))
+    return np.broadcast_to(value, (peers,) + value.shape).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(pick, current), restored
+
+
 def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, batch_size: int, mesh) -> float:
   """Test accuracy of the mean of the probabilities of this row's model and the models in `dirs`."""
   members = [variables] + [checkpoint_lib.load_model(d)[0] for d in dirs]
@@ -214,6 +260,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, batch_size)
   epochs = config_lib.row_epochs(config, name)
   total_steps = epochs * steps_per_epoch
+  # A smoke run stops early (config.max_steps) on the full run's schedule.
+  stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
   normalize = _normalizer(dataset)
 
   objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms,
@@ -239,8 +287,10 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
                                               layer_pattern=row.weight_generator.layer_pattern)
   schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  frozen = _frozen_paths(row, objective)
   spec = engine.StepSpec(
-      student=student, objective=objective, optimizer=optim.make_optimizer(row.optimizer, schedule),
+      student=student, objective=objective,
+      optimizer=_with_frozen(optim.make_optimizer(row.optimizer, schedule), frozen),
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
       peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
       teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1)
@@ -265,13 +315,33 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   if restored is None:
     state = jax.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
         spec, rng, teacher_variables, example)
+    restored_terms = []
     if init_dir:
       start = _load_init(init_dir, row, name)
       peers = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (row.peers,) + x.shape), tree)
-      params = {**state.params, "student": peers(start["params"])}
+      saved_terms = checkpoint_lib.load_terms(init_dir)
+      # Connector state only: memory banks (row-sharded) start afresh and never leave the devices.
+      connector_state = {k: v for k, v in state.method_state.items()
+                         if not spec.objective.terms[k].shard_state_rows}
+      current = _fetch({"params": state.params["terms"], "state": connector_state}, mesh)
+      term_params, restored_terms = _restore_terms(saved_terms.get("params", {}), current["params"],
+                                                   peers=row.peers, what="param", row_name=name)
+      term_state, _ = _restore_terms(saved_terms.get("state", {}), current["state"], peers=row.peers,
+                                     what="state", row_name=name)
+      if restored_terms:
+        log.info("row %s: term params restored from %s: %s", name, init_dir, ", ".join(restored_terms))
+      params = {**state.params, "student": peers(start["params"]), "terms": term_params}
       state = jax.device_put(state.replace(
           params=params, batch_stats={"student": peers(start.get("batch_stats", {}))},
-          opt_state=spec.optimizer.init(params)), state_sharding)
+          method_state={**state.method_state, **term_state}, opt_state=spec.optimizer.init(params)),
+          state_sharding)
+    for path in frozen:
+      if path[0] == "terms" and len(path) > 2 and not any(
+          r.startswith("/".join(path[1:]) + "/") for r in restored_terms):
+        raise ValueError(
+            f"row {name!r}: term {path[1]!r} keeps its {'/'.join(path[2:])!r} params frozen, but init_from "
+            f"({row.init_from or 'not set'}) does not provide them: train them first in a stage row (e.g. "
+            f"FT's stage='paraphraser' row) and start this row from it with init_from")
     history, elapsed = [], 0.0
   else:
     state, meta = restored
@@ -279,7 +349,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     history, elapsed = list(meta.get("history", [])), float(meta.get("elapsed", 0.0))
   start_step = int(jax.device_get(state.step))
   if start_step:
-    log.info("row %s: resuming at step %d of %d", name, start_step, total_steps)
+    log.info("row %s: resuming at step %d of %d", name, start_step, stop_step)
 
   train_step = engine.make_train_step(spec, mesh, state_sharding)
   eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers)
@@ -318,14 +388,14 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
 
   local = mesh_lib.local_block(batch_sharding, (spec.streams, batch_size))
   batches = prefetch((_train_batch(dataset, batch_size, seed=config.seed, step=step, streams=spec.streams,
-                                   block=local) for step in range(start_step, total_steps)), 2)
+                                   block=local) for step in range(start_step, stop_step)), 2)
   t0 = time.time()
   pending: list = []
-  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True, leave=False,
+  bar = tqdm.tqdm(total=stop_step, initial=start_step, desc=name, unit="step", dynamic_ncols=True, leave=False,
                   disable=not config.progress or jax.process_index() != 0,
                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
   with _sigterm_flag() as sigterm, bar, contextlib.closing(batches):
-    for step, batch in zip(range(start_step, total_steps), batches):
+    for step, batch in zip(range(start_step, stop_step), batches):
       state, metrics = train_step(state, teacher_variables,
                                   mesh_lib.put_local(batch, batch_sharding, (spec.streams, batch_size)))
       done = step + 1
@@ -346,7 +416,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
         checkpointer.close()
         log.warning("row %s: SIGTERM received; checkpointed step %d, exiting", name, done)
         raise Preempted(done)
-      if done % config.checkpoint_every_steps == 0 and done < total_steps:
+      if done % config.checkpoint_every_steps == 0 and done < stop_step:
         check_finite(state)
         save(state, done)
     drain(pending, bar)
@@ -354,14 +424,17 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   if check_finite(state) >= 0:
     log.warning("row %s: some steps had non-finite loss and were skipped (first: %d)", name,
                 int(jax.device_get(state.nonfinite_step)))
-  if total_steps not in checkpointer.steps():
-    save(state, total_steps)
+  if stop_step not in checkpointer.steps():
+    save(state, stop_step)
   checkpointer.close()
-  final = history[-1] if history and history[-1]["step"] == total_steps else {
+  final = history[-1] if history and history[-1]["step"] == stop_step else {
       **evaluate(eval_step, student_variables(state), dataset, config.data.eval_batch_size, mesh)}
   # The exported model is peer 0 (the only one, but for online methods).
+  # Memory banks (per-example rows) are this run's, not a connector: they stay out of final/.
+  keep_state = {k: v for k, v in state.method_state.items() if not spec.objective.terms[k].shard_state_rows}
   checkpoint_lib.save_model(os.path.join(row_dir, "final"), engine.unstack(_fetch(student_variables(state), mesh)),
-                            _model_description(row, dataset))
+                            _model_description(row, dataset),
+                            terms=engine.unstack(_fetch({"params": state.params["terms"], "state": keep_state}, mesh)))
   if ensemble_dirs:
     final["ensemble_test_accuracy"] = _ensemble_accuracy(
         list(ensemble_dirs), engine.unstack(_fetch(student_variables(state), mesh)), student, normalize,
@@ -369,7 +442,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   result = {
       **final,
       "best_test_accuracy": max([h["test_accuracy"] for h in history] + [final["test_accuracy"]]),
-      "epochs": epochs, "steps": total_steps, "model": row.model,
+      "epochs": epochs, "steps": stop_step, "model": row.model,
       "num_params": int(sum(np.size(x) for x in jax.tree.leaves(student_variables(state)["params"]))) // row.peers,
       "wall_time_s": round(elapsed + time.time() - t0, 2), "history": history,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
