@@ -5,8 +5,25 @@ The recipe of the paper's code: SGD momentum 0.9, weight decay 5e-4, batch 64,
 150/180/210, random crop (4-pixel padding) + flip, T=4. Loss weights of that
 code: CE 1 (0.1 with KD), KD 0.9, FitNet 100, AT 1000, SP 3000, CC 0.02, VID 1,
 RKD 1, PKT 30000, AB 1, FT 200, FSP 50, NST 50, CRD 0.8 (CRD+KD: KD 1, CRD 0.8).
-AB and FSP start with a 30-epoch initialisation stage (a row `..._init` that the
-method row continues with `init_from`). Teachers are trained here with the same
+Features as in that code (`helper/loops.py`): AT, NST, VID, AB on every stage
+(`feat[1:-1]`: 4 stages for VGG, MobileNetV2, ResNet50, 3 otherwise; AB before
+the ReLU), SP and FT on the last stage, FSP on the stem and every stage, CC,
+RKD, PKT, CRD on the pooled embedding, FitNets on stage 2.
+AB, FSP and FT start with a 30-epoch initialisation stage at a constant rate
+(RepDistiller `helper/pretrain.py`: `--init_epochs 30`; FT's paraphraser at lr
+0.01 for ResNet/WRN students, else the student's rate), a row `..._init` that
+the method row continues with `init_from`. FT's `_init` row trains only its
+paraphraser (rate 0.5, no BN; `freeze=["student"]`) on the reconstruction of
+the teacher's last feature map; the `ft` row restores it from there (term params
+travel with `final/`), keeps it frozen and trains the student with the
+translator (rate 0.5, BN) on RepDistiller's factor (`factor="repdistiller"`).
+
+ReviewKD rows (Chen et al. 2021) for the pairs of the authors' CIFAR-100 script
+(dvlab-research/ReviewKD `CIFAR-100/script/reviewKD.sh`: loss weight per pair,
+5 by default, 8 for ShuffleV2, 0.6 for resnet20, 1 for resnet32; warm-up 20
+epochs), with this table's recipe (batch 64, lr 0.05 / 0.01) as mdistiller's
+`configs/cifar100/reviewkd.yaml` does (the authors' own script uses batch 128,
+lr 0.1 / 0.02); figures from the ReviewKD paper's Tables 1-2. Teachers are trained here with the same
 recipe (rows `teacher__<arch>`), or point a method row's `teacher` at a trained
 model directory. Row names: `<teacher>__<student>__<method>`.
 
@@ -52,42 +69,77 @@ PAPER = {
     "nst": [73.68, 72.24, 69.60, 69.53, 71.96, 73.30, 71.53, 58.16, 64.96, 71.28, 74.12, 74.68, 74.89],
     "crd": [75.48, 74.14, 71.16, 71.46, 73.48, 75.51, 73.94, 69.73, 69.11, 74.30, 75.11, 75.65, 76.05],
     "crd_kd": [75.64, 74.38, 71.63, 71.56, 73.75, 75.46, 74.29, 69.94, 69.54, 74.58, 75.12, 76.05, 76.27],
+    "reviewkd": [76.12, 75.09, 71.89, None, 73.89, 75.63, None, None, None, None, 77.45, 77.78, 77.14],
 }
-STAGES = ("stage1", "stage2", "stage3")
+# Methods whose rows exist only for the pairs with a figure (FSP needs equal channel counts;
+# ReviewKD's authors give loss weights for those pairs only).
+ONLY_REPORTED = ("fsp", "reviewkd")
+# ReviewKD's loss weight per student (the authors' CIFAR-100 script); 5 otherwise.
+REVIEWKD_WEIGHT = {"ShuffleV2": 8.0, "resnet20": 0.6, "resnet32": 1.0}
+INIT_EPOCHS = 30  # RepDistiller --init_epochs
 
 
-def method_terms(method: str) -> dict:
-  """The loss terms of `method` with the weights of the paper's code."""
+def stages(arch: str) -> tuple[str, ...]:
+  """RepDistiller's `feat[1:-1]`: the outputs of every stage of `arch`."""
+  count = 4 if arch.startswith(("vgg", "MobileNetV2", "ResNet50")) else 3
+  return tuple(f"stage{i}" for i in range(1, count + 1))
+
+
+def method_terms(method: str, teacher: str = "resnet32x4", student: str = "resnet8x4") -> dict:
+  """The loss terms of `method` for a pair, with the weights and features of the paper's code."""
   ce = {"ce": {"weight": 1.0}}
+  s_stages, t_stages = stages(student), stages(teacher)
+  pairs = {"student_features": list(s_stages), "teacher_features": list(t_stages)}
+  preacts = {"student_features": [f"{n}_preact" for n in s_stages],
+             "teacher_features": [f"{n}_preact" for n in t_stages]}
+  last = {"student_feature": s_stages[-1], "teacher_feature": t_stages[-1]}
   return {
       "kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
       "fitnet": {**ce, "hint": {"weight": 100.0, "student_feature": "stage2", "teacher_feature": "stage2"}},
-      "at": {**ce, "at": {"weight": 1000.0}},
-      "sp": {**ce, "sp": {"weight": 3000.0}},
+      "at": {**ce, "at": {"weight": 1000.0, **pairs}},
+      "sp": {**ce, "sp": {"weight": 3000.0, **last}},
       "cc": {**ce, "cc": {"weight": 0.02}},
-      "vid": {**ce, "vid": {"weight": 1.0}},
+      "vid": {**ce, "vid": {"weight": 1.0, **pairs}},
       "rkd": {**ce, "rkd": {"weight": 1.0}},
       "pkt": {**ce, "pkt": {"weight": 30000.0}},
       "ab": {**ce},  # AB's knowledge is transferred by its initialisation stage
-      "ab_init": {"ab": {"weight": 1.0}},
-      "ft": {**ce, "ft": {"weight": 200.0}},
+      "ab_init": {"ab": {"weight": 1.0, **preacts}},
+      "ft": {**ce, "ft": {"weight": 200.0, "factor": "repdistiller", **last}},
+      "ft_init": {"ft": {"weight": 1.0, "stage": "paraphraser", **last}},
       "fsp": {**ce},  # likewise FSP
-      "fsp_init": {"fsp": {"weight": 50.0}},
-      "nst": {**ce, "nst": {"weight": 50.0}},
+      "fsp_init": {"fsp": {"weight": 50.0, "student_features": ["stem", *s_stages],
+                           "teacher_features": ["stem", *t_stages]}},
+      "nst": {**ce, "nst": {"weight": 50.0, **pairs}},
       "crd": {**ce, "crd": {"weight": 0.8}},
       "crd_kd": {**ce, "kd": {"weight": 1.0, "temperature": 4.0}, "crd": {"weight": 0.8}},
+      "reviewkd": {**ce, "reviewkd": {
+          "weight": REVIEWKD_WEIGHT.get(student, 5.0), "warmup_epochs": 20,
+          "student_features": [*s_stages, "pre_logits"],
+          "teacher_features": [f"{n}_preact" for n in t_stages] + ["pre_logits"]}},
   }[method]
 
 
+def _small(student: str) -> bool:
+  return student.startswith(("MobileNet", "Shuffle"))
+
+
 def _recipe(student: str, epochs: int = 240):
-  small = student.startswith(("MobileNet", "Shuffle"))
-  sgd = {"name": "sgd", "learning_rate": 0.01 if small else 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+  sgd = {"name": "sgd", "learning_rate": 0.01 if _small(student) else 0.05, "momentum": 0.9, "weight_decay": 5e-4}
   steps = {"name": "step", "boundaries": [150 * epochs / 240, 180 * epochs / 240, 210 * epochs / 240],
            "factor": 0.1}
   return dict(optimizer=sgd, schedule=steps, epochs=epochs, augment="crop_flip")
 
 
+def _init_recipe(method: str, student: str):
+  """RepDistiller's init stage: SGD at a constant rate for 30 epochs (pretrain.py)."""
+  resnet_like = student.startswith(("resnet", "wrn"))
+  lr = 0.01 if (method == "ft" and resnet_like) or _small(student) else 0.05
+  sgd = {"name": "sgd", "learning_rate": lr, "momentum": 0.9, "weight_decay": 5e-4}
+  return dict(optimizer=sgd, schedule={"name": "constant"}, epochs=INIT_EPOCHS, augment="crop_flip")
+
+
 def get_config(rows: str = ""):
+  """The table; `rows`: comma-separated row names or patterns (with the rows they depend on)."""
   c = base_config()
   c.data.name = "cifar100"
   c.data.batch_size = 64
@@ -98,13 +150,16 @@ def get_config(rows: str = ""):
     c.rows[f"teacher__{teacher}"] = row(model=teacher, terms={"ce": {}}, paper=teacher_paper, **_recipe(teacher))
     c.rows[f"student__{student}"] = row(model=student, terms={"ce": {}}, paper=student_paper, **_recipe(student))
     for method, figures in PAPER.items():
+      if method in ONLY_REPORTED and figures[index] is None:
+        continue
       name = f"{teacher}__{student}__{method}"
       common = dict(model=student, teacher=f"teacher__{teacher}", paper=figures[index] or "")
-      if method in ("ab", "fsp"):
-        c.rows[f"{name}_init"] = row(terms=method_terms(f"{method}_init"), **{**common, "paper": ""},
-                                     **_recipe(student, epochs=30))
+      if method in ("ab", "fsp", "ft"):
+        c.rows[f"{name}_init"] = row(terms=method_terms(f"{method}_init", teacher, student),
+                                     **{**common, "paper": ""}, **_init_recipe(method, student),
+                                     freeze=["student"] if method == "ft" else ())
         common["init_from"] = f"{name}_init"
-      c.rows[name] = row(terms=method_terms(method), **common, **_recipe(student))
+      c.rows[name] = row(terms=method_terms(method, teacher, student), **common, **_recipe(student))
   if rows:
     from experiments.configs import select_rows
     select_rows(c, rows)

@@ -1,0 +1,54 @@
+r"""Zagoruyko & Komodakis 2017 (attention transfer), Table 1, CIFAR-10: WRN-16-2 from WRN-40-2.
+
+The recipe of the authors' code (szagoruyko/attention-transfer, `cifar.py`
+defaults): SGD momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr 0.1
+x0.2 at epochs 60/120/160, random crop (4-pixel padding; the authors' code pads
+by reflection, kd_jax by zeros) + flip. AT: beta = 1000 on the sum over the three
+groups' outputs of the mean squared difference of the L2-normalised attention
+maps (`--beta 1e+3`; mean of the squared channel activations); KD: T 4,
+alpha 0.9 (0.9 KD + 0.1 CE); AT+KD both. Teachers are trained here with the same
+recipe (row `teacher__wrn_40_2`).
+
+The paper reports test error (%); each row's `paper` is 100 - that error, the
+accuracy (%), so the report compares like with like.
+
+  python -m experiments.main --config=experiments/configs/at_cifar10.py:wrn_40_2__wrn_16_2__at --workdir=$W
+  python -m experiments.reproduce --config='experiments/configs/at_cifar10.py:*' --seeds=3 --workdir=$W
+"""
+from kd_jax.train import base_config, row
+
+TEACHER, STUDENT = "wrn_40_2", "wrn_16_2"
+ERRORS = {"teacher": 5.23, "student": 6.31, "at": 5.85, "kd": 6.08, "at_kd": 5.71}  # Table 1, test error %
+STAGES = ["stage1", "stage2", "stage3"]  # the outputs of WRN's three groups
+
+
+def method_terms(method: str) -> dict:
+  at = {"at": {"weight": 1000.0, "p": 2.0, "student_features": STAGES, "teacher_features": STAGES}}
+  kd = {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}
+  return {"at": {"ce": {"weight": 1.0}, **at}, "kd": kd, "at_kd": {**kd, **at}}[method]
+
+
+def _recipe():
+  return dict(optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+              schedule={"name": "step", "boundaries": [60, 120, 160], "factor": 0.2}, epochs=200,
+              augment="crop_flip")
+
+
+def get_config(rows: str = ""):
+  """The table; `rows`: comma-separated row names or patterns (with the rows they depend on)."""
+  c = base_config()
+  c.data.name = "cifar10"
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 1000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5000
+  accuracy = lambda key: round(100.0 - ERRORS[key], 2)
+  c.rows[f"teacher__{TEACHER}"] = row(model=TEACHER, terms={"ce": {}}, paper=accuracy("teacher"), **_recipe())
+  c.rows[f"student__{STUDENT}"] = row(model=STUDENT, terms={"ce": {}}, paper=accuracy("student"), **_recipe())
+  for method in ("at", "kd", "at_kd"):
+    c.rows[f"{TEACHER}__{STUDENT}__{method}"] = row(model=STUDENT, teacher=f"teacher__{TEACHER}",
+                                                    terms=method_terms(method), paper=accuracy(method), **_recipe())
+  if rows:
+    from experiments.configs import select_rows
+    select_rows(c, rows)
+  return c

@@ -1,0 +1,74 @@
+r"""The CIFAR-100 tables of Zhao et al. 2022 (DKD), Tables 1 and 2: 11 teacher/student pairs, KD and DKD.
+
+The recipe of the authors' code (megvii-research/mdistiller, `configs/cifar100/dkd/*.yaml`
+and `mdistiller/engine/cfg.py`): SGD momentum 0.9, weight decay 5e-4, batch 64,
+240 epochs, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students) x0.1 at epochs
+150/180/210, random crop (4-pixel padding) + flip. DKD: CE 1, alpha 1, beta 8
+(the per-pair beta of those configs: 2 for resnet56->resnet20 and
+resnet110->resnet32, 6 for the WRN pairs, vgg13->vgg8 and vgg13->MobileNetV2),
+T 4, its weight ramped up linearly over the first 20 epochs. KD: CE 0.1, KD 0.9,
+T 4. Teachers are trained here with the same recipe (rows `teacher__<arch>`),
+or point a row's `teacher` at a trained model directory (e.g. converted from
+CRD's published teachers, see README). Row names: `<teacher>__<student>__<method>`.
+
+Each row's `paper` field is the DKD paper's top-1 (%) as given in the mdistiller
+README; teacher and student-alone figures are those of the CRD paper, which the
+DKD tables repeat.
+
+  python -m experiments.main --config=experiments/configs/dkd_cifar100.py:resnet32x4__resnet8x4__dkd --workdir=$W
+  python -m experiments.reproduce --config='experiments/configs/dkd_cifar100.py:*__dkd' --seeds=3 --workdir=$W
+"""
+from kd_jax.train import base_config, row
+
+# (teacher, student): (teacher %, student %, KD %, DKD %, DKD beta)
+PAIRS = {
+    ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 71.97, 2.0),
+    ("resnet110", "resnet32"): (74.31, 71.14, 73.08, 74.11, 2.0),
+    ("resnet32x4", "resnet8x4"): (79.42, 72.50, 73.33, 76.32, 8.0),
+    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 76.23, 6.0),
+    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 74.81, 6.0),
+    ("vgg13", "vgg8"): (74.64, 70.36, 72.98, 74.68, 6.0),
+    ("resnet32x4", "ShuffleV1"): (79.42, 70.50, 74.07, 76.45, 8.0),
+    ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83, 76.70, 8.0),
+    ("vgg13", "MobileNetV2"): (74.64, 64.60, 67.37, 69.71, 6.0),
+    ("ResNet50", "MobileNetV2"): (79.34, 64.60, 67.35, 70.35, 8.0),
+    ("resnet32x4", "ShuffleV2"): (79.42, 71.82, 74.45, 77.07, 8.0),
+}
+WARMUP_EPOCHS = 20
+
+
+def method_terms(method: str, beta: float = 8.0) -> dict:
+  return {
+      "kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
+      "dkd": {"ce": {"weight": 1.0},
+              "dkd": {"weight": 1.0, "alpha": 1.0, "beta": beta, "temperature": 4.0,
+                      "warmup_epochs": WARMUP_EPOCHS}},
+  }[method]
+
+
+def _recipe(student: str):
+  small = student.startswith(("MobileNet", "Shuffle"))
+  sgd = {"name": "sgd", "learning_rate": 0.01 if small else 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+  return dict(optimizer=sgd, schedule={"name": "step", "boundaries": [150, 180, 210], "factor": 0.1}, epochs=240,
+              augment="crop_flip")
+
+
+def get_config(rows: str = ""):
+  """The tables; `rows`: comma-separated row names or patterns (with the rows they depend on)."""
+  c = base_config()
+  c.data.name = "cifar100"
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 1000
+  c.log_every_steps = 200
+  c.checkpoint_every_steps = 5000
+  for (teacher, student), (teacher_paper, student_paper, kd_paper, dkd_paper, beta) in PAIRS.items():
+    c.rows[f"teacher__{teacher}"] = row(model=teacher, terms={"ce": {}}, paper=teacher_paper, **_recipe(teacher))
+    c.rows[f"student__{student}"] = row(model=student, terms={"ce": {}}, paper=student_paper, **_recipe(student))
+    for method, figure in (("kd", kd_paper), ("dkd", dkd_paper)):
+      c.rows[f"{teacher}__{student}__{method}"] = row(
+          model=student, teacher=f"teacher__{teacher}", terms=method_terms(method, beta), paper=figure,
+          **_recipe(student))
+  if rows:
+    from experiments.configs import select_rows
+    select_rows(c, rows)
+  return c
