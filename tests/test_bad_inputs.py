@@ -82,6 +82,14 @@ CASES = {
                         r"unknown dataset 'cifar1000'.*'cifar100'"),
     "unknown loss term": (run(config(**{"rows.student.terms": {"fitnet": {}}})), ValueError,
                           r"unknown loss term 'fitnet'"),
+    "unknown loss term at validation": (
+        lambda tmp: train.config.validate(config(**{"rows.student.terms": {"kd": {}, "reviewdk": {}}})), ValueError,
+        r"rows.student.terms: unknown loss term 'reviewdk'. Did you mean 'reviewkd'"),
+    "freeze naming no params": (run(config(**{"rows.student.freeze": ["terms/ft"]})), ValueError,
+                                r"rows.student.freeze: 'terms/ft' names no params of the row"),
+    "negative max_steps": (run(config(max_steps=-1)), ValueError, r"max_steps must be a non-negative int, got -1"),
+    "unknown FT stage": (run(config(**{"rows.student.terms": {"ft": {"stage": "pretrain"}}})), ValueError,
+                         r"ft: unknown stage 'pretrain'; known: \('paraphraser', 'transfer'\)"),
     "unknown term option": (run(config(**{"rows.student.terms": {"kd": {"temp": 4.0}}})), ValueError,
                             r"loss term 'kd' got unknown option\(s\) \['temp'\]; it accepts \['temperature'\]"),
     "term weight not a number": (run(config(**{"rows.student.terms": {"kd": {"weight": "0.9"}}})), ValueError,
@@ -159,3 +167,10 @@ def test_bad_input_is_a_clear_error(name, tmp_path):
 
 def test_the_table_is_large_enough():
   assert len(CASES) >= 30
+
+
+def test_an_unknown_term_stops_the_run_before_any_row_trains(tmp_path):
+  c = config(**{"rows.student.terms": {"ce": {}, "fitnets": {}}})
+  with pytest.raises(ValueError, match=r"rows.student.terms: unknown loss term 'fitnets'"):
+    train.run(c, str(tmp_path))
+  assert not (tmp_path / "teacher").exists()  # the teacher row, first in order, never started
