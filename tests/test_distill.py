@@ -68,3 +68,31 @@ def test_cskd_pairs_examples_of_the_same_class():
   # The partner's prediction is a constant: no gradient flows into it.
   grad = jax.grad(lambda l: term(Outputs(l), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, {}, {}, step=jnp.int32(0))[0][0])(logits)
   assert np.all(np.asarray(grad[2]) == 0) and np.any(np.asarray(grad[0]) != 0)
+
+
+def test_fsp_term_mean_reduction_averages_each_matrix_as_repdistiller():
+  """RepDistiller's FSP loss is (G_s - G_t)².mean() per pair of maps (its weight 50 is tuned for that)."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 6)
+  shapes = {"stem": (2, 8, 8, 3), "stage1": (2, 8, 8, 4), "stage2": (2, 4, 4, 5)}
+  student = Outputs(jnp.zeros((2, 10)), {n: jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys[:3])})
+  teacher = Outputs(jnp.zeros((2, 10)), {n: jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys[3:])})
+
+  def gram(first, second):  # [B, C1, C2] over the smaller map's positions (the larger average-pooled)
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    if first.shape[1] != second.shape[1]:
+      b, h, w, c = first.shape
+      f = h // second.shape[1]
+      first = first.reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
+    return np.einsum("bhwi,bhwj->bij", first, second) / (first.shape[1] * first.shape[2])
+
+  names = list(shapes)
+  expected = sum(np.mean((gram(student.features[a], student.features[b]) - gram(teacher.features[a],
+                                                                                teacher.features[b])) ** 2)
+                 for a, b in zip(names[:-1], names[1:]))
+  options = {"student_features": names, "teacher_features": names}
+  mean, _, _ = Objective({"fsp": {**options, "reduction": "mean"}})({}, {}, student, teacher, {}, step=jnp.int32(0))
+  total, _, _ = Objective({"fsp": options})({}, {}, student, teacher, {}, step=jnp.int32(0))
+  np.testing.assert_allclose(mean, expected, rtol=1e-5)
+  assert float(total) > 10 * float(mean)  # the paper's sum over the C1·C2 entries
+  with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+    Objective({"fsp": {"reduction": "max"}})

@@ -107,7 +107,8 @@ def method_terms(method: str, teacher: str = "resnet32x4", student: str = "resne
       "ft": {**ce, "ft": {"weight": 200.0, "factor": "repdistiller", **last}},
       "ft_init": {"ft": {"weight": 1.0, "stage": "paraphraser", **last}},
       "fsp": {**ce},  # likewise FSP
-      "fsp_init": {"fsp": {"weight": 50.0, "student_features": ["stem", *s_stages],
+      # RepDistiller's FSP loss averages each matrix's entries: its weight 50 is for that reduction.
+      "fsp_init": {"fsp": {"weight": 50.0, "reduction": "mean", "student_features": ["stem", *s_stages],
                            "teacher_features": ["stem", *t_stages]}},
       "nst": {**ce, "nst": {"weight": 50.0, **pairs}},
       "crd": {**ce, "crd": {"weight": 0.8}},

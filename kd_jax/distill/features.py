@@ -106,21 +106,32 @@ class AttentionTransfer(Term):
 
 @register_term("fsp")
 class FSP(Term):
-  """Flow of solution procedure (Yim et al. 2017) between consecutive named features."""
+  """Flow of solution procedure (Yim et al. 2017) between consecutive named features.
+
+  reduction: "sum" over the C1·C2 entries of each FSP matrix (the paper's
+  formula, `losses.fsp_loss`) or their "mean", as RepDistiller computes it (its
+  FSP weight of 50, used by the CRD table, is tuned for the mean).
+  """
 
   needs_teacher = True
 
   def __init__(self, student_features: Sequence[str] = ("stage1", "stage2", "stage3"),
-               teacher_features: Sequence[str] = ("stage1", "stage2", "stage3")):
+               teacher_features: Sequence[str] = ("stage1", "stage2", "stage3"), reduction: str = "sum"):
+    if reduction not in ("sum", "mean"):
+      raise ValueError(f"fsp: reduction must be 'sum' or 'mean', got {reduction!r}")
     self.pairs = _pairs(student_features, teacher_features, "fsp")
+    self.reduction = reduction
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     total = 0.0
     for (s1, t1), (s2, t2) in zip(self.pairs[:-1], self.pairs[1:]):
+      first, second = feature(student, s1, who="student"), feature(student, s2, who="student")
       t_first = jax.lax.stop_gradient(feature(teacher, t1, who="teacher"))
       t_second = jax.lax.stop_gradient(feature(teacher, t2, who="teacher"))
-      total = total + losses.fsp_loss(feature(student, s1, who="student"), feature(student, s2, who="student"),
-                                      t_first, t_second)
+      value = losses.fsp_loss(first, second, t_first, t_second)
+      if self.reduction == "mean":
+        value = value / (first.shape[-1] * second.shape[-1])
+      total = total + value
     return total, state
 
 
