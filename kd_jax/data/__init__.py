@@ -12,6 +12,9 @@ Sources:
   cifar10, cifar100  TFDS, in memory (`tfds_source`; `data_dir` is the TFDS data directory)
   imagenet2012  TFDS ArrayRecord files, streamed: an `imagenet.ImageNetSource`
     decodes each batch on request (`train_batch`, `test_batches`), same contract
+  reverse  synthetic sequence reversal, token ids int32 [N, 2, T] with per-position
+    labels [N, T] (`sequences.TokenDataset`, whose `input_dtype` is int32: inputs
+    that are not uint8 pixels are neither normalised nor augmented)
 """
 from __future__ import annotations
 
@@ -134,6 +137,13 @@ def _load_imagenet(directory):
   return imagenet.load("imagenet2012", directory=directory, num_classes=1000)
 
 
+def _load_reverse(directory):
+  del directory  # generated
+  from kd_jax.data import sequences
+
+  return sequences.make("reverse")
+
+
 # A loader returns an in-memory `Dataset` or a streaming `ImageNetSource`; both
 # have num_train, num_classes, input_shape, scale/mean/std, train_batch, test_batches.
 _SOURCES: dict[str, Callable[[str | None], Union[Dataset, "ImageNetSource"]]] = {
@@ -142,6 +152,7 @@ _SOURCES: dict[str, Callable[[str | None], Union[Dataset, "ImageNetSource"]]] = 
     "cifar10": _load_cifar("cifar10", 10),
     "cifar100": _load_cifar("cifar100", 100),
     "imagenet2012": _load_imagenet,
+    "reverse": _load_reverse,
 }
 
 

@@ -13,17 +13,32 @@ def teacher_logits(teacher) -> jax.Array:
   return jax.lax.stop_gradient(teacher.logits)
 
 
+def per_example(values: jax.Array) -> jax.Array:
+  """[B] values unchanged; per-position values [B, T] (sequences) averaged over positions to [B]."""
+  return values if values.ndim == 1 else values.reshape(values.shape[0], -1).mean(-1)
+
+
+def over_positions(loss_fn, student_logits: jax.Array, teacher_logits: jax.Array, **kwargs) -> jax.Array:
+  """`loss_fn` on logits [B, K]; per-position logits [B, T, K] go through it as [B·T, K], then `per_example`."""
+  if student_logits.ndim == 2:
+    return loss_fn(student_logits, teacher_logits, **kwargs)
+  k = student_logits.shape[-1]
+  values = loss_fn(student_logits.reshape(-1, k), teacher_logits.reshape(-1, k), **kwargs)
+  return per_example(values.reshape(student_logits.shape[:-1]))
+
+
 @register_term("ce")
 class CrossEntropy(Term):
-  """Cross-entropy with the true labels (optionally label-smoothed)."""
+  """Cross-entropy with the true labels (optionally label-smoothed); per-position labels: mean over positions."""
 
   def __init__(self, label_smoothing: float = 0.0):
     self.label_smoothing = label_smoothing
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     if self.label_smoothing:
-      return losses.cross_entropy(student.logits, batch["label"], label_smoothing=self.label_smoothing), state
-    return losses.cross_entropy(student.logits, batch["label"]), state
+      return per_example(losses.cross_entropy(student.logits, batch["label"],
+                                              label_smoothing=self.label_smoothing)), state
+    return per_example(losses.cross_entropy(student.logits, batch["label"])), state
 
 
 class _TemperatureTerm(Term):
@@ -38,7 +53,7 @@ class _TemperatureTerm(Term):
 
 @register_term("kd")
 class KD(_TemperatureTerm):
-  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T."""
+  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T (per-position logits: mean over positions)."""
 
   needs_teacher = True
 
@@ -46,7 +61,8 @@ class KD(_TemperatureTerm):
     self.temperature = Temperature(temperature)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
-    return losses.kd_loss(student.logits, teacher_logits(teacher), temperature=self.t(params, step)), state
+    return over_positions(losses.kd_loss, student.logits, teacher_logits(teacher),
+                          temperature=self.t(params, step)), state
 
 
 @register_term("logit_mse")

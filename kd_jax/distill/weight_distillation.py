@@ -11,14 +11,19 @@ teacher matrices stacked as T ∈ R^{I_t×O_t×(L_t/L_s)} map to
 
 with W_I ∈ R^{I_t×I_s}, W_O ∈ R^{O_t×O_s}, W_L ∈ R^{L_t/L_s} shared by all the
 instances of a class, and W_j, B_j of S_j's shape. Vectors (biases, norm
-scales) use W_O only. Phase 1 trains only these generator parameters, with the
+scales) use W_O only. Tensors of higher rank (attention kernels [D, H, D/H] and
+[H, D/H, D], per-head biases [H, D/H]) get one such matrix per axis: T' is T
+multiplied along axis a by W_a ∈ R^{t_a×s_a} (W_I the first axis, W_O the last,
+`w_axis<a>` those between), the matrix formula's natural extension; its
+truncated-identity start keeps the student's first heads and, in each, the
+first channels. Phase 1 trains only these generator parameters, with the
 KD objective evaluated through the generated student (an engine row with
 `weight_generator`); phase 2 fine-tunes the generated student directly (a plain
 KD row with `init_from` the phase-1 row, whose exported model is the generated
 student's plain param tree).
 
-At initialisation W_I and W_O are truncated identities, W_L averages the
-subset, W = 2 (tanh ≈ 0.96) and B = 0: the generated student starts as the
+At initialisation every W_I, W_O (and W_a) is a truncated identity, W_L
+averages the subset, W = 2 (tanh ≈ 0.96) and B = 0: the generated student starts as the
 teacher cut to the student's widths, a deterministic function of the teacher.
 """
 from __future__ import annotations
@@ -76,13 +81,20 @@ def make_plan(student_params, teacher_params, *, layer_pattern: str = r"layers_(
                        f"{len(s_items)} student layers")
     per = len(t_items) // len(s_items)
     s_shape, t_shape = s_items[0][2], t_items[0][2]
-    if len(s_shape) != len(t_shape) or len(s_shape) not in (1, 2):
-      raise ValueError(f"weight class {key!r}: student {s_shape} and teacher {t_shape} must both be vectors "
-                       "or both matrices")
+    if len(s_shape) != len(t_shape) or not s_shape:
+      raise ValueError(f"weight class {key!r}: student {s_shape} and teacher {t_shape} must be arrays of the "
+                       "same rank (>= 1)")
     plan.append(Group(key, tuple(p for _, p, _ in s_items),
                       tuple(tuple(p for _, p, _ in t_items[j * per:(j + 1) * per]) for j in range(len(s_items))),
                       t_shape, s_shape))
   return tuple(plan)
+
+
+def _axis_names(rank: int) -> list[str]:
+  """The generator's matrix for each axis: W_I first, W_O last (a vector has W_O only)."""
+  if rank == 1:
+    return ["w_out"]
+  return ["w_in"] + [f"w_axis{a}" for a in range(1, rank - 1)] + ["w_out"]
 
 
 def init_generator(plan: tuple[Group, ...]) -> dict[str, Any]:
@@ -90,10 +102,9 @@ def init_generator(plan: tuple[Group, ...]) -> dict[str, Any]:
   classes, instances = {}, {}
   for group in plan:
     per = len(group.teacher_paths[0])
-    shared = {"w_out": jnp.eye(group.teacher_shape[-1], group.student_shape[-1]),
-              "w_layers": jnp.full((per,), 1.0 / per)}
-    if len(group.student_shape) == 2:
-      shared["w_in"] = jnp.eye(group.teacher_shape[0], group.student_shape[0])
+    shared = {"w_layers": jnp.full((per,), 1.0 / per)}
+    for axis, name in enumerate(_axis_names(len(group.student_shape))):
+      shared[name] = jnp.eye(group.teacher_shape[axis], group.student_shape[axis])
     classes[group.key] = shared
     for j in range(len(group.student_paths)):
       instances[f"{group.key}.{j}"] = {"gate": jnp.full(group.student_shape, _INITIAL_GATE),
@@ -108,11 +119,10 @@ def generate(generator: Mapping[str, Any], teacher_params, plan: tuple[Group, ..
   for group in plan:
     shared = generator["classes"][group.key]
     for j, (path, subset) in enumerate(zip(group.student_paths, group.teacher_paths)):
-      stacked = jnp.stack([teacher[p].astype(jnp.float32) for p in subset], axis=-1)  # [I_t, O_t, L] or [O_t, L]
-      mixed = jnp.tensordot(stacked, shared["w_layers"], axes=([-1], [0]))  # mix the subset's layers first
-      mapped = mixed @ shared["w_out"]
-      if "w_in" in shared:
-        mapped = shared["w_in"].T @ mapped
+      stacked = jnp.stack([teacher[p].astype(jnp.float32) for p in subset], axis=-1)  # [I_t, ..., O_t, L]
+      mapped = jnp.tensordot(stacked, shared["w_layers"], axes=([-1], [0]))  # mix the subset's layers first
+      for axis, name in enumerate(_axis_names(mapped.ndim)):  # then map each axis: W_Iᵀ T W_O for a matrix
+        mapped = jnp.moveaxis(jnp.tensordot(mapped, shared[name], axes=([axis], [0])), -1, axis)
       instance = generator["instances"][f"{group.key}.{j}"]
       node = student
       for part in path[:-1]:

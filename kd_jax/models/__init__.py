@@ -91,6 +91,7 @@ from kd_jax.models import wrn  # noqa: E402,F401
 from kd_jax.models import vgg  # noqa: E402,F401
 from kd_jax.models import mobilenet  # noqa: E402,F401
 from kd_jax.models import shufflenet  # noqa: E402,F401
+from kd_jax.models import transformer  # noqa: E402,F401
 from kd_jax.models import exits  # noqa: E402,F401  (early exits on any zoo model)
 from kd_jax.models import one  # noqa: E402,F401  (ONE's multi-branch version of a zoo model)
 # Feature capture for modules outside the zoo.

@@ -167,6 +167,11 @@ def over_peers(spec: StepSpec, fn: Callable, in_axes):
   return lambda *args: map_peers(fn, args, in_axes, peers=spec.peers, sequential=spec.sequential_peers)
 
 
+def model_inputs(x: jax.Array) -> jax.Array:
+  """uint8 pixels as float32, to augment and normalise; other inputs (int32 token ids) unchanged."""
+  return x.astype(jnp.float32) if x.dtype == jnp.uint8 else x
+
+
 def _peer_rngs(rng, peers):
   return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(peers))
 
@@ -221,7 +226,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
   k = spec.peers
   step_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
-  images = jax.vmap(lambda r, x: augment_lib.augment(r, x.astype(jnp.float32), kind=spec.augment))(
+  images = jax.vmap(lambda r, x: augment_lib.augment(r, model_inputs(x), kind=spec.augment))(
       _peer_rngs(augment_rng, spec.streams), batch["image"])
   images = jax.vmap(spec.normalize)(images)
   # Per-peer inputs: the shared stream broadcast to every peer, or each peer's own stream.
@@ -264,7 +269,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
     loss, metrics, method_state = over_peers(spec, objective, (0, 0, 0, 0, stream_axis, source_axis, 0))(
         params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources,
         _peer_rngs(jax.random.fold_in(dropout_rng, 1), k))
-    labels = batch["label"] if spec.streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:2])
+    labels = batch["label"] if spec.streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:-1])
     metrics["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
     # Peers are independent models: the sum's gradient is each peer's own loss gradient.
     return jnp.sum(loss), (jax.tree.map(jnp.mean, metrics), batch_stats, method_state)
@@ -340,15 +345,17 @@ def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
 
 def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
-  peers' ensemble (mean of probabilities) "ensemble_correct", and "count"."""
+  peers' ensemble (mean of probabilities) "ensemble_correct", and "count". With per-position
+  labels [B, T] (sequences) every position counts as one prediction (per-token sums)."""
 
   def eval_step(variables, batch):
-    images = normalize(batch["image"].astype(jnp.float32))
+    images = normalize(model_inputs(batch["image"]))
     # [K, B, classes]; as in training, peers sharing devices run one after another.
     peers = jax.tree.leaves(variables)[0].shape[0]
     logits = map_peers(lambda v: model.apply(v, images, train=False), (variables,), (0,), peers=peers,
                        sequential=sequential)
     mask = batch["mask"].astype(jnp.float32)
+    mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (batch["label"].ndim - 1)), batch["label"].shape)
     hits = lambda l: (jnp.argmax(l, -1) == batch["label"]).astype(jnp.float32)
     masked_sum = jax.vmap(lambda per_example: jnp.sum(per_example * mask))  # over peers
     ce = jax.vmap(lambda l: losses.cross_entropy(l, batch["label"]))(logits)
@@ -364,6 +371,6 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
 def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh):
   """`logits(teacher_variables, batch) -> [B, classes]` in inference mode, for the teacher cache."""
   return jax.jit(lambda variables, batch: teacher.apply(
-      variables, normalize(batch["image"].astype(jnp.float32)), train=False).astype(jnp.float32),
+      variables, normalize(model_inputs(batch["image"])), train=False).astype(jnp.float32),
                  in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

@@ -137,7 +137,14 @@ def evaluate(eval_step, variables, dataset, batch_size: int, mesh) -> dict[str, 
   return result
 
 
+def _input_dtype(dataset: data_lib.Dataset) -> np.dtype:
+  """uint8 for pixels; a dataset of other inputs (token ids) says so in `input_dtype`."""
+  return np.dtype(getattr(dataset, "input_dtype", np.uint8))
+
+
 def _normalizer(dataset: data_lib.Dataset):
+  if _input_dtype(dataset) != np.uint8:
+    return lambda x: x  # token ids: nothing to normalise
   return lambda x: augment_lib.normalize(x, scale=dataset.scale, mean=dataset.mean, std=dataset.std)
 
 
@@ -263,6 +270,9 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   # A smoke run stops early (config.max_steps) on the full run's schedule.
   stop_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
   normalize = _normalizer(dataset)
+  if _input_dtype(dataset) != np.uint8 and row.augment != "none":
+    raise ValueError(f"row {name!r}: augment={row.augment!r} needs images, but dataset {dataset.name!r} has "
+                     f"{_input_dtype(dataset)} inputs (token ids); use augment='none'")
 
   objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms,
                         steps_per_epoch=steps_per_epoch, num_train=dataset.num_train)
@@ -282,7 +292,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     if teacher is None:
       raise ValueError(f"row {name!r}: weight_generator needs a teacher (and a term that uses it, e.g. 'kd')")
     shapes = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1,) + dataset.input_shape, jnp.float32)))
+                                                 normalize(jnp.zeros((1,) + dataset.input_shape,
+                                                                     _input_dtype(dataset)))))
     generator = weight_distillation.make_plan(shapes["params"], teacher_variables["params"],
                                               layer_pattern=row.weight_generator.layer_pattern)
   schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
@@ -302,7 +313,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       raise ValueError(f"row {name!r}: cache_teacher is set but the row has no teacher")
     teacher_variables = {"cache": _teacher_cache(teacher, teacher_variables, dataset, normalize, mesh,
                                                  config.data.eval_batch_size)}
-  example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, jnp.uint8)
+  example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, _input_dtype(dataset))
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
   state_sharding = engine.state_shardings(mesh, abstract_state, spec)
