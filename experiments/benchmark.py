@@ -78,6 +78,12 @@ class Case:
   # Steps per timed loop unless --steps is given: sized so that the default run of every case fits
   # in 10 minutes on 2 CPU cores, with loops of at least about a second.
   steps: int = 4
+  # Another case this one is compared with (time and FLOP ratios in the row's "vs_baseline"):
+  # co-distillation and DML against 2 independent runs.
+  baseline: str | None = None
+  # "step": the engine step alone (jax) against PyTorch; "loop": `jax()` returns a `LoopSetup` and the
+  # real train loop runs with logging and checkpointing on and off (kd_jax only, see `run_jax_loop`).
+  kind: str = "step"
 
 
 CASES: dict[str, Callable[[bool], Case]] = {}
@@ -251,12 +257,18 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
     jax.block_until_ready((state, metrics))  # the only sync of the loop
     loops.append((time.perf_counter() - start) / settings.steps)
   compiles, traces = counter.reset()
+  peak, measure = memory.peak(jax.devices()[0])  # before the cost analysis below allocates anything
+  flops = step_flops(step, state, teacher_variables, batch)
+  cost_compiles, _ = counter.reset()
   counter.close()
   device = jax.devices()[0]
-  peak, measure = memory.peak(device)
   nonfinite = int(jax.device_get(state.nonfinite_step))
+  timing = _timing(loops, case.images_per_step)
   return {
-      **_timing(loops, case.images_per_step),
+      **timing,
+      # XLA's count for the compiled step (per device program), and what the timed loops achieved.
+      "flops_per_step": flops, "gflops_per_s": None if flops is None else round(flops / timing["ms_per_step"] / 1e6, 2),
+      "cost_analysis_compiles": cost_compiles,
       "device": (f"cpu: {jax.device_count()} device(s), {os.cpu_count()} cores" if device.platform == "cpu"
                  else f"{device.platform}: {jax.device_count()} x {device.device_kind}"),
       "peak_mib": peak, "memory_measure": measure,
@@ -268,6 +280,188 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
       "nonfinite_step": nonfinite, "trained_params": trained, "note": note,
       "versions": {"jax": jax.__version__},
   }
+
+
+def step_flops(step, *args) -> float | None:
+  """FLOPs of one call of the jitted `step` on `args`: XLA's cost analysis of the compiled executable.
+
+  `step.lower(*args).compile()` finds the executable the timed loops ran in jit's cache (no new
+  compilation: `cost_analysis_compiles` in the JSON says so). For a step partitioned over several
+  devices it is the per-device program's count. None where the backend gives no count.
+  """
+  try:
+    cost = step.lower(*args).compile().cost_analysis()
+  except Exception:  # a backend without cost analysis: no figure rather than no row
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
+# ----------------------------------------------------------------------------- the real train loop
+
+
+@dataclasses.dataclass
+class LoopSetup:
+  """A `Case(kind="loop")`'s run of `kd_jax.train.run`: one row on a random in-memory dataset."""
+
+  row: dict[str, Any]  # kwargs of kd_jax.train.row for the trained row (its teacher is set by the worker)
+  dataset: Any  # a kd_jax.data.Dataset
+  batch_size: int
+  teacher: tuple[str, dict[str, Any]] | None = None  # (model, kwargs): randomly initialised, saved as trained
+  checkpoint_every_steps: int = 25  # with logging on (metrics every step)
+
+
+class _LoopTimer:
+  """Wraps `engine.make_train_step` so that the loop's own train step marks the timed window.
+
+  The window runs from call `warmup` (the state before it synchronised) to the end of call
+  `warmup + steps` (its outputs synchronised): the only two syncs added to the loop, so every
+  metric fetch, metrics.jsonl line and checkpoint save the loop does in between is in the time.
+  """
+
+  def __init__(self, counter: CompileCounter):
+    self.counter = counter
+    self.arm(0, 0)
+
+  def arm(self, warmup: int, steps: int) -> None:
+    self.warmup, self.steps, self.calls = warmup, steps, 0
+    self.start = self.end = None
+    self.compiles = None
+
+  def wrap(self, make):
+    import jax
+
+    def made(*args, **kwargs):
+      fn = make(*args, **kwargs)
+
+      def call(state, *rest):
+        if self.calls == self.warmup:
+          jax.block_until_ready(state)
+          self.counter.reset()
+          self.start = time.perf_counter()
+        out = fn(state, *rest)
+        self.calls += 1
+        if self.calls == self.warmup + self.steps:
+          jax.block_until_ready(out)
+          self.end = time.perf_counter()
+          self.compiles = self.counter.reset()[0]
+        return out
+
+      return call
+
+    return made
+
+
+LOOP_DATASET = "benchmark_random"  # registered with kd_jax.data by the worker: the dataset of the case it runs
+_LOOP_DATA: dict[str, Any] = {}
+
+
+def run_jax_loop(case: Case, settings: Settings) -> dict[str, Any]:
+  """The real `kd_jax.train.run` on `--steps` timed steps, logging and checkpointing on, then off.
+
+  On: metrics fetched and written to metrics.jsonl every step, a checkpoint every
+  `checkpoint_every_steps`. Off: both intervals past the run's last step. The two
+  modes alternate `--repeats` times (back to back, so a change of machine load hits
+  both); each is a fresh run (its own compile, excluded from the time). Warm-up:
+  `--warmup` steps plus one checkpoint interval, so that the first checkpoint (whose
+  orbax helpers compile) is before the window.
+  """
+  import jax
+  from kd_jax import data as data_lib
+  from kd_jax.train import loop as loop_lib
+
+  counter = CompileCounter()
+  setup = case.jax()
+  dataset = setup.dataset
+  every = setup.checkpoint_every_steps
+  warmup = settings.warmup + every
+  total = warmup + settings.steps
+  if dataset.num_train < setup.batch_size * (total + 1):
+    raise ValueError(f"the loop dataset has {dataset.num_train} examples, fewer than {total + 1} steps of "
+                     f"{setup.batch_size}: an epoch end (test evaluation) would fall in the timed window")
+  if LOOP_DATASET not in data_lib.names():
+    data_lib.register(LOOP_DATASET, lambda directory: _LOOP_DATA["dataset"])
+  _LOOP_DATA["dataset"] = dataset
+  timer = _LoopTimer(counter)
+  make_train_step = loop_lib.engine.make_train_step
+  loop_lib.engine.make_train_step = timer.wrap(make_train_step)
+  try:
+    loops, compiles, written = _loop_runs(setup, settings, timer, warmup, total)
+  finally:
+    loop_lib.engine.make_train_step = make_train_step
+    counter.close()
+  on, off = _timing(loops["on"], case.images_per_step), _timing(loops["off"], case.images_per_step)
+  steps_per_s = lambda t: round(1e3 / t["ms_per_step"], 2)
+  device = jax.devices()[0]
+  return {
+      **on,  # the row's ms/step: the loop as it runs by default in a real training, logging on
+      "device": (f"cpu: {jax.device_count()} device(s), {os.cpu_count()} cores" if device.platform == "cpu"
+                 else f"{device.platform}: {jax.device_count()} x {device.device_kind}"),
+      "loop": {"on": {**on, "steps_per_s": steps_per_s(on), "log_every_steps": 1, "checkpoint_every_steps": every,
+                      **written["on"]},
+               "off": {**off, "steps_per_s": steps_per_s(off), "log_every_steps": None,
+                       "checkpoint_every_steps": None, **written["off"]},
+               # steps/s with logging and checkpointing over steps/s without: 1 = no cost, below 1 = a slowdown
+               "ratio_on_off": round(steps_per_s(on) / steps_per_s(off), 3),
+               "timed_steps": settings.steps, "warmup_steps": warmup, "compiles": compiles},
+      # Compilations inside the timed windows of every run (each run compiles its step before them).
+      "compiles": sum(compiles["on"] + compiles["off"]) if None not in compiles["on"] + compiles["off"] else None,
+      "note": "", "versions": {"jax": jax.__version__},
+  }
+
+
+def _loop_runs(setup: LoopSetup, settings: Settings, timer: _LoopTimer, warmup: int, total: int):
+  """The alternating on/off runs of `run_jax_loop`: per mode the loop times, the compilations in the
+  window, and what the last run wrote (train lines in metrics.jsonl, checkpoint steps kept)."""
+  import jax
+  from kd_jax import models as models_lib
+  from kd_jax import train
+  from kd_jax.train import checkpoint as checkpoint_lib
+
+  dataset, every = setup.dataset, setup.checkpoint_every_steps
+  with tempfile.TemporaryDirectory() as tmp:
+    teacher_dir = ""
+    if setup.teacher is not None:
+      import jax.numpy as jnp
+      name, kwargs = setup.teacher
+      module = models_lib.create(name, num_classes=dataset.num_classes, **kwargs)
+      variables = jax.jit(lambda r: module.init(r, jnp.zeros((1,) + dataset.input_shape), train=False))(
+          jax.random.PRNGKey(1))
+      teacher_dir = os.path.join(tmp, "teacher")
+      checkpoint_lib.save_model(teacher_dir, jax.device_get(variables), {
+          "model": name, "model_kwargs": kwargs, "num_classes": dataset.num_classes,
+          "input_shape": list(dataset.input_shape), "dataset": LOOP_DATASET})
+    modes = {"on": (1, every), "off": (total + 1, total + 1)}  # (log_every_steps, checkpoint_every_steps)
+    loops: dict[str, list[float]] = {m: [] for m in modes}
+    compiles: dict[str, list[int | None]] = {m: [] for m in modes}
+    written: dict[str, dict[str, Any]] = {}
+    for r in range(settings.repeats):
+      for mode, (log_every, ckpt_every) in modes.items():
+        config = train.base_config()
+        config.seed = settings.seed
+        config.data.name, config.data.batch_size = LOOP_DATASET, setup.batch_size
+        config.data.eval_batch_size = setup.batch_size
+        config.epochs, config.max_steps = 1, total
+        config.log_every_steps, config.checkpoint_every_steps = log_every, ckpt_every
+        config.progress = False
+        config.rows.bench = train.row(**setup.row, teacher=teacher_dir)
+        timer.arm(warmup, settings.steps)
+        workdir = os.path.join(tmp, f"{mode}_{r}")
+        train.run(config, workdir)
+        if timer.end is None:
+          raise RuntimeError(f"the train loop ran {timer.calls} steps, fewer than the {total} asked")
+        loops[mode].append((timer.end - timer.start) / settings.steps)
+        compiles[mode].append(timer.compiles)
+        metrics_path = os.path.join(workdir, "bench", "metrics.jsonl")  # absent if nothing was logged
+        lines = 0
+        if os.path.exists(metrics_path):
+          with open(metrics_path) as f:
+            lines = sum(json.loads(line)["split"] == "train" for line in f if line.strip())
+        kept = sorted(int(n) for n in os.listdir(os.path.join(workdir, "bench", "checkpoints")) if n.isdigit())
+        written[mode] = {"metrics_lines": lines, "checkpoint_steps_kept": kept}
+  return loops, compiles, written
 
 
 # ----------------------------------------------------------------------------- the torch side
@@ -509,7 +703,7 @@ def resnet32x4_resnet8x4_crd(tiny: bool) -> Case:
 
 def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str, torch_mode: str, streams: int,
                  description: str, needs: dict[str, Any], peers: int = 2, exchange_every: int = 1,
-                 steps: int = 1) -> Case:
+                 steps: int = 1, baseline: str | None = None) -> Case:
   """`peers` copies of `model` trained in one step: the engine's vmapped peer axis; in PyTorch, a loop over
   the peers and one SGD over all of them. CIFAR-100, B = 64 per peer (16 when tiny), the CRD recipe's SGD.
 
@@ -534,7 +728,8 @@ def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str
                          labels=data["label"], mode=torch_mode, optimizer=CRD_SGD, normalize=CIFAR100,
                          channels_last=True, temperature=1.0, exchange_every=exchange_every)
 
-  return Case(f"{peers} x {model}, {description}", b, peers * b, build_jax, build_torch, steps=steps)
+  return Case(f"{peers} x {model}, {description}", b, peers * b, build_jax, build_torch, steps=steps,
+              baseline=baseline)
 
 
 @register("dml_resnet32_x2")
@@ -542,11 +737,12 @@ def dml_resnet32_x2(tiny: bool) -> Case:
   """Deep mutual learning (Zhang et al. 2018): 2 peers, CE + KL to the other's predictions (T=1), one batch."""
   return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}, "dml": {"weight": 1.0}},
                       exchange="predictions", torch_mode="dml", streams=1,
-                      description="DML: CE + KL(other peer, T=1), shared batch",
+                      description="DML: CE + KL(other peer, T=1), shared batch", baseline=INDEPENDENT,
                       needs={"terms": ["ce", "dml"], "losses": ["cross_entropy", "kd_loss"]})
 
 
 CODISTILL_EVERY = 10  # steps between refreshes of the stale peer copies
+INDEPENDENT = "independent_resnet32_x2"  # what the online cases cost against: 2 runs, nothing exchanged
 
 
 @register("codistill_resnet32_x2")
@@ -555,8 +751,21 @@ def codistill_resnet32_x2(tiny: bool) -> Case:
   return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}, "codistill": {"weight": 1.0}},
                       exchange="stale", exchange_every=CODISTILL_EVERY, torch_mode="codistill_stale", streams=2,
                       description=f"co-distillation: CE + KL(stale peer copy, refreshed every {CODISTILL_EVERY} "
-                                  "steps), own batch per replica",
+                                  "steps), own batch per replica", baseline=INDEPENDENT,
                       needs={"terms": ["ce", "codistill"], "losses": ["cross_entropy"]})
+
+
+@register("codistill_predictions_resnet32_x2")
+def codistill_predictions_resnet32_x2(tiny: bool) -> Case:
+  """Co-distillation exchanging current predictions every step: CE + KL(mean of the other's p), one shared batch.
+
+  Unlike stale mode (an extra inference forward of each peer's stale copy per step), the targets
+  are the peers' own training-forward logits: the same FLOPs as 2 independent runs but for the loss.
+  """
+  return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}, "codistill": {"weight": 1.0}},
+                      exchange="predictions", torch_mode="codistill_predictions", streams=1,
+                      description="co-distillation: CE + KL(other's current predictions, T=1), shared batch",
+                      baseline=INDEPENDENT, needs={"terms": ["ce", "codistill"], "losses": ["cross_entropy"]})
 
 
 @register("independent_resnet32_x2")
@@ -575,6 +784,40 @@ def single_resnet32(tiny: bool) -> Case:
                       needs={"terms": ["ce"], "losses": ["cross_entropy"]})
 
 
+@register("loop_hinton_mlp")
+def loop_hinton_mlp(tiny: bool) -> Case:
+  """`hinton_mlp`'s student trained by the real train loop (`kd_jax.train.run`), metrics and checkpoints on vs off.
+
+  The fastest step of the suite (about 10 ms on CPU), so the loop's per-step work (fetching and
+  writing the metrics, the input pipeline) and its checkpoints weigh the most here. Random MNIST-shaped
+  images, enough that no epoch ends (no test evaluation) inside the timed window.
+  """
+  b = 16 if tiny else 128
+  every = 2 if tiny else 25
+  teacher = ("mlp", {"widths": (64, 64), "dropout": 0.5, "input_dropout": 0.2}) if tiny else ("mlp_1200", {})
+  student = ("mlp", {"widths": (32, 32)}) if tiny else ("mlp_800", {})
+  steps = 200
+
+  def build_jax():
+    require(models=[teacher[0], student[0]], terms=["ce", "kd"], losses=["cross_entropy", "kd_loss"])
+    import numpy as np
+    from kd_jax import data as data_lib
+    # Room for the default run (2 + 25 warm-up + 200 timed steps) and a --steps of up to 4 times as many.
+    n = b * (4 * steps + 2 * every + 16)
+    rng = np.random.default_rng(0)
+    images = lambda m: rng.integers(0, 256, (m, 28, 28, 1), dtype=np.uint8)
+    dataset = data_lib.Dataset(LOOP_DATASET, images(n), rng.integers(0, 10, n, dtype=np.int32), images(b),
+                               rng.integers(0, 10, b, dtype=np.int32), num_classes=10, scale=1.0 / 255.0)
+    row = {"model": student[0], "model_kwargs": dict(student[1]),
+           "terms": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}},
+           "optimizer": {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}}
+    return LoopSetup(row=row, dataset=dataset, batch_size=b, teacher=(teacher[0], dict(teacher[1])),
+                     checkpoint_every_steps=every)
+
+  return Case(f"train loop of {teacher[0]} -> {student[0]} KD: metrics every step + checkpoint every {every} "
+              "steps vs neither", b, b, build_jax, lambda: None, steps=steps, kind="loop")
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 
@@ -583,7 +826,12 @@ def _worker(side: str, name: str, settings: Settings) -> dict[str, Any]:
   try:
     case = CASES[name](settings.tiny)
     settings = dataclasses.replace(settings, steps=settings.steps or case.steps)
-    result = (run_jax if side == "jax" else run_torch)(case, settings)
+    if case.kind == "loop":
+      if side != "jax":
+        raise Skipped("skipped: the train-loop case is kd_jax only")
+      result = run_jax_loop(case, settings)
+    else:
+      result = (run_jax if side == "jax" else run_torch)(case, settings)
     return {"status": "ok", **result}
   except Skipped as e:
     return {"status": "skipped", "reason": str(e)}
@@ -618,7 +866,13 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
   settings = dataclasses.replace(settings, steps=settings.steps or case.steps)
   row: dict[str, Any] = {"case": name, "description": case.description, "batch": case.batch,
                          "images_per_step": case.images_per_step, "steps": settings.steps,
-                         "repeats": settings.repeats, "warmup": settings.warmup}
+                         "repeats": settings.repeats, "warmup": settings.warmup, "kind": case.kind}
+  if case.baseline:
+    row["baseline"] = case.baseline
+  if case.kind == "loop":  # kd_jax's loop against itself: no torch half
+    sides = [s for s in sides if s == "jax"]
+    if not sides:
+      return {**row, "status": "skipped", "reason": "skipped: the train-loop case is kd_jax only"}
   if isolate:
     run = lambda side: _spawn(side, name, settings, timeout)
   else:
@@ -633,12 +887,33 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
   row["status"] = "ok" if not bad else row[bad[0]]["status"]
   row["reason"] = "; ".join(f"{s}: {row[s]['reason']}" if row[s]["status"] == "error" else row[s]["reason"]
                             for s in bad)
+  if statuses.get("jax") == "ok" and "loop" in row["jax"]:
+    loop = row["jax"]["loop"]
+    row["loop_ratio_on_off"] = loop["ratio_on_off"]
+    row["reason"] = (f"train loop: {loop['on']['steps_per_s']:,.1f} steps/s with metrics every step + a checkpoint "
+                     f"every {loop['on']['checkpoint_every_steps']}, {loop['off']['steps_per_s']:,.1f} without: "
+                     f"ratio {loop['ratio_on_off']:.2f}")
   if statuses.get("jax") == "ok" and statuses.get("torch") == "ok":
     row["ratio"] = round(row["jax"]["ms_per_step"] / row["torch"]["ms_per_step"], 3)
     if row["jax"]["trained_params"] != row["torch"]["trained_params"]:
       row["reason"] = (f"trained parameters differ: jax {row['jax']['trained_params']}, "
                        f"torch {row['torch']['trained_params']}")
   return row
+
+
+def compare_baselines(rows: Sequence[dict[str, Any]]) -> None:
+  """Adds "vs_baseline" to each row whose case names a baseline run in the same table: its jax ms/step,
+  its compiled step's FLOPs and its torch ms/step, each divided by the baseline's."""
+  by_name = {row["case"]: row for row in rows}
+  for row in rows:
+    base = by_name.get(row.get("baseline"))
+    if base is None:
+      continue
+    ratio = lambda side, key: (round(row[side][key] / base[side][key], 3)
+                               if row.get(side, {}).get("status") == "ok" and base.get(side, {}).get("status") == "ok"
+                               and row[side].get(key) and base[side].get(key) else None)
+    row["vs_baseline"] = {"case": base["case"], "jax_time": ratio("jax", "ms_per_step"),
+                          "jax_flops": ratio("jax", "flops_per_step"), "torch_time": ratio("torch", "ms_per_step")}
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -648,21 +923,32 @@ def _fmt(value, digits: int = 1) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
   """The markdown table of a run."""
   head = ("| case | batch | device (jax / torch) | jax ms/step | torch ms/step | ratio jax/torch | jax img/s "
-          "| torch img/s | jax peak MiB | torch peak MiB | compiles | note |")
+          "| torch img/s | jax GFLOP/step | vs baseline: jax time / jax FLOPs / torch time | jax peak MiB "
+          "| torch peak MiB | compiles | note |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for row in rows:
     jx, th = row.get("jax", {}), row.get("torch", {})
     ok_j, ok_t = jx.get("status") == "ok", th.get("status") == "ok"
     devices = " / ".join(d for d in (jx.get("device"), th.get("device")) if d) or "—"
-    mem = lambda side, ok: (f"{_fmt(side['peak_mib'])} ({_short_measure(side['memory_measure'])})" if ok else "—")
+    mem = lambda side, ok: (f"{_fmt(side['peak_mib'])} ({_short_measure(side['memory_measure'])})"
+                            if ok and side.get("peak_mib") is not None else "—")
     lines.append("| " + " | ".join([
         row["case"], str(row["batch"]), devices,
         _fmt(jx.get("ms_per_step")) if ok_j else "—", _fmt(th.get("ms_per_step")) if ok_t else "—",
         _fmt(row.get("ratio"), 2), _fmt(jx.get("images_per_s"), 0) if ok_j else "—",
-        _fmt(th.get("images_per_s"), 0) if ok_t else "—", mem(jx, ok_j), mem(th, ok_t),
+        _fmt(th.get("images_per_s"), 0) if ok_t else "—",
+        _fmt(jx["flops_per_step"] / 1e9, 2) if ok_j and jx.get("flops_per_step") else "—", _vs(row),
+        mem(jx, ok_j), mem(th, ok_t),
         str(jx.get("compiles")) if ok_j else "—", row.get("reason") or "",
     ]) + " |")
   return "\n".join(lines)
+
+
+def _vs(row: dict[str, Any]) -> str:
+  vs = row.get("vs_baseline")
+  if not vs:
+    return "—"
+  return " / ".join(_fmt(vs[k], 2) for k in ("jax_time", "jax_flops", "torch_time")) + f" ({vs['case']})"
 
 
 def _short_measure(measure: str) -> str:
@@ -709,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if args.list:
     for name, fn in CASES.items():
       case = fn(args.tiny)
-      print(f"{name:28s} B={case.batch:<4d} steps={case.steps:<3d} {case.description}")
+      print(f"{name:34s} B={case.batch:<4d} steps={case.steps:<3d} {case.description}")
     return []
   names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
   unknown = [n for n in names if n not in CASES]
@@ -729,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows.append(run_case(name, settings, sides=sides, isolate=not args.inprocess, timeout=args.timeout))
     rows[-1]["wall_s"] = round(time.time() - start, 1)
     print(f"{name}: {rows[-1]['status']} ({rows[-1]['wall_s']} s) {rows[-1].get('reason', '')}", file=sys.stderr)
+  compare_baselines(rows)
   meta["load_average_end"] = os.getloadavg()
   with open(args.json, "w") as f:
     json.dump({"meta": meta, "cases": rows}, f, indent=2)

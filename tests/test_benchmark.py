@@ -9,14 +9,35 @@ pytest.importorskip("torch")
 from experiments import benchmark  # noqa: E402
 
 ISSUE_CASES = ("hinton_mlp", "resnet32x4_resnet8x4_kd", "wrn_40_2_wrn_16_2_at", "resnet32x4_resnet8x4_crd",
-               "dml_resnet32_x2", "codistill_resnet32_x2", "independent_resnet32_x2")
+               "dml_resnet32_x2", "codistill_resnet32_x2", "codistill_predictions_resnet32_x2",
+               "independent_resnet32_x2", "loop_hinton_mlp")
 
 
 def test_registry_holds_the_issue_cases():
   for name in ISSUE_CASES:
     case = benchmark.CASES[name](False)
-    assert case.batch == (128 if name == "hinton_mlp" else 64)
+    assert case.batch == (128 if "hinton" in name else 64)
     assert case.steps >= 1 and case.description
+  # Both co-distillation modes (and DML) are compared with the 2 independent runs.
+  for name in ("dml_resnet32_x2", "codistill_resnet32_x2", "codistill_predictions_resnet32_x2"):
+    assert benchmark.CASES[name](False).baseline == "independent_resnet32_x2"
+  assert benchmark.CASES["loop_hinton_mlp"](False).kind == "loop"
+
+
+def _row(case, jax_ms, flops, torch_ms, baseline=None):
+  row = {"case": case, "jax": {"status": "ok", "ms_per_step": jax_ms, "flops_per_step": flops},
+         "torch": {"status": "ok", "ms_per_step": torch_ms}}
+  return {**row, "baseline": baseline} if baseline else row
+
+
+def test_baseline_ratios():
+  rows = [_row("independent", 100.0, 50e9, 80.0), _row("codistill", 130.0, 66.5e9, 88.0, baseline="independent"),
+          _row("orphan", 1.0, 1.0, 1.0, baseline="not_in_this_run")]
+  rows[0]["torch"] = {"status": "error", "reason": "boom"}
+  benchmark.compare_baselines(rows)
+  assert rows[1]["vs_baseline"] == {"case": "independent", "jax_time": 1.3, "jax_flops": 1.33, "torch_time": None}
+  assert "vs_baseline" not in rows[0] and "vs_baseline" not in rows[2]
+  assert "| 1.30 / 1.33 / — (independent) |" in benchmark.table([{**rows[1], "batch": 64}])
 
 
 def test_missing_features_are_named():
@@ -27,18 +48,32 @@ def test_missing_features_are_named():
     benchmark.require(terms=["no_such_term"], losses=["no_such_loss"])
 
 
-def test_hinton_mlp_tiny_end_to_end(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One harness run of the tiny hinton_mlp step case and its train-loop case (subprocess workers)."""
   # The workers get one CPU device (the suite's 8 fake devices would only slow them down) and
   # OpenMP threads that sleep rather than spin when the test machine is busy.
+  patch = pytest.MonkeyPatch()
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-  monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-  out = tmp_path / "bench.json"
-  benchmark.main(["--cases=hinton_mlp", "--tiny", "--steps=2", "--warmup=2", "--repeats=1", f"--json={out}"])
+  patch.setenv("XLA_FLAGS", " ".join(flags))
+  patch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  import contextlib
+  import io
+  printed = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(printed):
+      benchmark.main(["--cases=hinton_mlp,loop_hinton_mlp", "--tiny", "--steps=2", "--warmup=2", "--repeats=1",
+                      f"--json={out}"])
+  finally:
+    patch.undo()
+  return json.loads(out.read_text()), printed.getvalue()
 
-  data = json.loads(out.read_text())
+
+def test_hinton_mlp_tiny_end_to_end(tiny_run):
+  data, printed = tiny_run
   assert data["meta"]["settings"] == {"steps": 2, "warmup": 2, "repeats": 1, "tiny": True, "seed": 0}
-  (row,) = data["cases"]
+  row = data["cases"][0]
   if row["status"] == "skipped":
     pytest.skip(row["reason"])
   assert row["status"] == "ok", row
@@ -57,4 +92,34 @@ def test_hinton_mlp_tiny_end_to_end(tmp_path, monkeypatch, capsys):
   # The listener saw the first step compile, and nothing compiled after it.
   assert row["jax"]["compiles_first_step"] >= 1
   assert row["jax"]["compiles"] == 0
-  assert "| hinton_mlp | 16 |" in capsys.readouterr().out
+  # XLA's FLOP count of the compiled step, found in jit's cache (no compilation for it), is at least the
+  # matmuls' count: student forward and backward (2 x 2 flops per weight and example, the first layer's
+  # input gradient aside) and the teacher's forward (2 per weight and example).
+  weights = lambda widths: sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+  student, teacher = weights((784, 32, 32, 10)), weights((784, 64, 64, 10))
+  assert row["jax"]["cost_analysis_compiles"] == 0
+  assert 16 * (4 * student + 2 * teacher - 2 * 784 * 32) <= row["jax"]["flops_per_step"] < 16 * 8 * (student + teacher)
+  assert row["jax"]["gflops_per_s"] == pytest.approx(row["jax"]["flops_per_step"] / row["jax"]["ms_per_step"] / 1e6,
+                                                     rel=0.01)
+  assert "| hinton_mlp | 16 |" in printed
+
+
+def test_train_loop_case_logs_and_checkpoints_only_when_on(tiny_run):
+  data, printed = tiny_run
+  row = data["cases"][1]
+  if row["status"] == "skipped":
+    pytest.skip(row["reason"])
+  assert row["status"] == "ok", row
+  assert "torch" not in row  # kd_jax's loop against itself
+  loop = row["jax"]["loop"]
+  # The tiny case checkpoints every 2 steps: warm-up = 2 steps + one interval, then the 2 timed steps.
+  assert (loop["timed_steps"], loop["warmup_steps"]) == (2, 4)
+  assert loop["on"]["metrics_lines"] == 6 and loop["off"]["metrics_lines"] == 0
+  # On: saves at 2 and 4 in the loop and 6 at the end (2 kept); off: only the final save.
+  assert loop["on"]["checkpoint_steps_kept"] == [4, 6] and loop["off"]["checkpoint_steps_kept"] == [6]
+  assert loop["ratio_on_off"] == pytest.approx(loop["on"]["steps_per_s"] / loop["off"]["steps_per_s"], rel=0.01)
+  assert row["loop_ratio_on_off"] == loop["ratio_on_off"]
+  assert row["jax"]["ms_per_step"] == loop["on"]["ms_per_step"] > 0
+  # No compilation inside any timed window: the loop does not retrace after its first steps.
+  assert loop["compiles"] == {"on": [0], "off": [0]} and row["jax"]["compiles"] == 0
+  assert "| loop_hinton_mlp | 16 |" in printed and "train loop:" in printed

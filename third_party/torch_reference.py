@@ -367,10 +367,13 @@ def peers_step(*, peers: Sequence[nn.Module], images: np.ndarray, labels: np.nda
       (Zhang et al. 2018; the others' predictions detached);
     "codistill_stale": each peer CE on its own batch + T² KL(mean of the stale copies' p ‖ p_self), the
       stale copies (eval mode, no grad, run on the peer's own batch) refreshed from the peers every
-      `exchange_every` steps (Anil et al. 2018).
+      `exchange_every` steps (Anil et al. 2018);
+    "codistill_predictions": each peer CE + T² KL(mean of the other peers' current p ‖ p_self) on one
+      shared batch, the others' predictions detached (co-distillation exchanging predictions every step:
+      no extra forward pass, unlike the stale copies).
   images: uint8 [S, B, H, W, C], labels [S, B] with S = K streams ("independent", "codistill_stale") or 1.
   """
-  if mode not in ("independent", "dml", "codistill_stale"):
+  if mode not in ("independent", "dml", "codistill_stale", "codistill_predictions"):
     raise ValueError(f"unknown peers mode {mode!r}")
   device = device or setup()
   peers = [_to(p, device, channels_last).train() for p in peers]
@@ -405,9 +408,10 @@ def peers_step(*, peers: Sequence[nn.Module], images: np.ndarray, labels: np.nda
       others = [j for j in range(k) if j != i]
       if mode == "dml":
         loss = loss + sum(soft(logits[i], logits[j].detach(), ys[i]) for j in others) / len(others)
-      elif mode == "codistill_stale":
+      elif mode in ("codistill_stale", "codistill_predictions"):
         with torch.no_grad():
-          target = torch.stack([F.softmax(stale[j](xs[i])[0] / temperature, dim=1) for j in others]).mean(0)
+          outputs = [stale[j](xs[i])[0] if mode == "codistill_stale" else logits[j] for j in others]
+          target = torch.stack([F.softmax(o / temperature, dim=1) for o in outputs]).mean(0)
         log_p = F.log_softmax(logits[i] / temperature, dim=1)
         loss = loss + temperature ** 2 * F.kl_div(log_p, target, reduction="batchmean")
     opt.zero_grad(set_to_none=True)
