@@ -114,12 +114,13 @@ def test_train_loop_case_logs_and_checkpoints_only_when_on(tiny_run):
   loop = row["jax"]["loop"]
   # The tiny case checkpoints every 2 steps: warm-up = 2 steps + one interval, then the 2 timed steps.
   assert (loop["timed_steps"], loop["warmup_steps"]) == (2, 4)
-  assert loop["on"]["metrics_lines"] == 6 and loop["off"]["metrics_lines"] == 0
-  # On: saves at 2 and 4 in the loop and 6 at the end (2 kept); off: only the final save.
-  assert loop["on"]["checkpoint_steps_kept"] == [4, 6] and loop["off"]["checkpoint_steps_kept"] == [6]
+  assert [loop[m]["metrics_lines"] for m in ("on", "log", "off")] == [6, 6, 0]
+  # On: saves at 2 and 4 in the loop and 6 at the end (2 kept); log and off: only the final save.
+  assert [loop[m]["checkpoint_steps_kept"] for m in ("on", "log", "off")] == [[4, 6], [6], [6]]
   assert loop["ratio_on_off"] == pytest.approx(loop["on"]["steps_per_s"] / loop["off"]["steps_per_s"], rel=0.01)
+  assert loop["ratio_log_off"] == pytest.approx(loop["log"]["steps_per_s"] / loop["off"]["steps_per_s"], rel=0.01)
   assert row["loop_ratio_on_off"] == loop["ratio_on_off"]
   assert row["jax"]["ms_per_step"] == loop["on"]["ms_per_step"] > 0
   # No compilation inside any timed window: the loop does not retrace after its first steps.
-  assert loop["compiles"] == {"on": [0], "off": [0]} and row["jax"]["compiles"] == 0
+  assert loop["compiles"] == {"on": [0], "log": [0], "off": [0]} and row["jax"]["compiles"] == 0
   assert "| loop_hinton_mlp | 16 |" in printed and "train loop:" in printed
