@@ -422,6 +422,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
         history.append({"epoch": epoch, "step": done, **test})
         metrics_log.write({"step": done, "split": "test", "epoch": epoch, **test})
       if sigterm["flag"]:
+        drain(pending, bar)  # else the last logged step's metrics are lost: the resumed run starts after it
         check_finite(state)
         save(state, done)
         checkpointer.close()
