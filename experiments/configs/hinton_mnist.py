@@ -33,7 +33,9 @@ def get_config(rows: str = ""):
   c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, optimizer=adam, schedule=decay,
                        augment="jitter", max_norm=3.5, epochs=epochs, paper=67)
   c.rows.student = row(model="mlp_800", terms={"ce": {}}, optimizer=adam, schedule=decay, epochs=epochs, paper=146)
+  # The student sees un-augmented inputs: the teacher's logits on them are computed once (teacher cache).
   c.rows.student_kd = row(model="mlp_800", teacher="teacher", optimizer=adam, schedule=decay, epochs=epochs, paper=74,
+                          cache_teacher=True,
                           terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}})
   if rows:
     from experiments.configs import select_rows
