@@ -709,12 +709,12 @@ def resnet32x4_resnet8x4_crd(tiny: bool) -> Case:
 
 def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str, torch_mode: str, streams: int,
                  description: str, needs: dict[str, Any], peers: int = 2, exchange_every: int = 1,
-                 steps: int = 1, baseline: str | None = None) -> Case:
+                 steps: int = 2, baseline: str | None = None) -> Case:
   """`peers` copies of `model` trained in one step: the engine's vmapped peer axis; in PyTorch, a loop over
   the peers and one SGD over all of them. CIFAR-100, B = 64 per peer (16 when tiny), the CRD recipe's SGD.
 
-  One step per timed loop by default: the 2-peer jax step takes about 10 s on 2 CPU cores (the vmapped
-  convolutions become grouped convolutions, see BENCHMARKS.md), so more would break the 10-minute budget.
+  Two steps per timed loop by default: peers sharing a device run as unrolled copies of the single-model
+  step (engine.map_peers), about twice one resnet32 step on 2 CPU cores.
   """
   b, shape, classes = (16 if tiny else 64), (32, 32, 3), 100
   model = "resnet8" if tiny else model
