@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 from typing import TYPE_CHECKING, Callable, Iterator, Union
 
@@ -191,6 +192,14 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int, s
   """
   per_epoch = steps_per_epoch(num_examples, batch_size)
   epoch, position = divmod(int(step), per_epoch)
-  key = [int(seed), epoch] + ([int(stream)] if stream else [])
-  order = np.random.default_rng(key).permutation(num_examples)
+  order = _epoch_order(int(num_examples), int(seed), epoch, int(stream))
   return order[position * batch_size:(position + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(num_examples: int, seed: int, epoch: int, stream: int) -> np.ndarray:
+  """The epoch's permutation, drawn once per (seed, epoch, stream) rather than at every step (read-only)."""
+  key = [seed, epoch] + ([stream] if stream else [])
+  order = np.random.default_rng(key).permutation(num_examples)
+  order.flags.writeable = False
+  return order
