@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.reproduce --config=experiments/configs/digits_demo.py --seeds=3 --workdir=$(or $(WORKDIR),/tmp/kd_jax_demo)
 
 test: $(VENV)/.compare
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Everything, the slow reproductions and multi-process runs included.
 test-all: $(VENV)/.compare

@@ -61,6 +61,22 @@ def test_ban_reports_the_ensemble_of_generations(digits_results):
   assert len(results["dml"]["peer_test_accuracy"]) == 2 and len(results["codistill"]["peer_test_accuracy"]) == 2
 
 
+def test_weight_distillation_exports_a_plain_student(digits_results):
+  """Phase 1's exported model is the generated student: an mlp_800 param tree usable without the generator."""
+  workdir, results = digits_results
+  assert results["wd_generate"]["num_params"] == results["student"]["num_params"]
+  variables, description = checkpoint.load_model(os.path.join(workdir, "wd_generate", "final"))
+  assert (description["model"], description["model_kwargs"]) == ("mlp_800", {})
+  from kd_jax import models
+  student = models.create("mlp_800", num_classes=10)
+  shapes = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32)))
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda x: x.shape, variables)
+  digits = data.load("digits")
+  logits = student.apply(variables, digits.test_images.astype(np.float32) / 16.0)
+  accuracy = float(np.mean(np.argmax(logits, -1) == digits.test_labels))
+  np.testing.assert_allclose(accuracy, results["wd_generate"]["test_accuracy"], atol=1e-6)
+
+
 def test_fitnets_stage_two_starts_from_stage_one(digits_results, tmp_path):
   workdir, _ = digits_results
   config = digits_table()

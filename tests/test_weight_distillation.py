@@ -1,15 +1,11 @@
-"""Weight distillation: plan, generator formula, deterministic start, and the two phases in the engine."""
-import os
+"""Weight distillation: plan, generator formula and deterministic start (the two phases in the engine: test_methods)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import models, train
 from kd_jax.distill import weight_distillation as wd
-from kd_jax.train import checkpoint
-from experiments.configs import mnist_methods, select_rows
 
 
 def tree(widths, layers):
@@ -71,22 +67,3 @@ def test_mismatched_structures_are_refused():
   student["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
   with pytest.raises(ValueError, match=r"only in the student: \['extra.kernel'\]"):
     wd.make_plan(student, tree((8, 12), 1))
-
-
-def test_two_phases_on_digits_export_a_plain_student(tmp_path):
-  config = mnist_methods.get_config()
-  select_rows(config, "wd")
-  config.data.name = "digits"
-  config.data.batch_size = 64
-  config.data.eval_batch_size = 360
-  config.epochs = 2
-  config.progress = False
-  results = train.run(config, str(tmp_path))
-  assert results["wd_generate"]["test_accuracy"] > 0.5 and results["wd"]["test_accuracy"] > 0.5
-  assert results["wd_generate"]["num_params"] == results["student"]["num_params"] if "student" in results else True
-  variables, description = checkpoint.load_model(str(tmp_path / "wd_generate" / "final"))
-  student = models.create("mlp_800", num_classes=10)
-  shapes = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))
-  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda x: x.shape, variables)
-  logits = student.apply(variables, jnp.zeros((2, 8, 8, 1)))  # usable without the generator
-  assert logits.shape == (2, 10)
