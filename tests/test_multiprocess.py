@@ -1,0 +1,38 @@
+"""Multi-process runs: 2 CPU processes of 4 devices each (jax.distributed over localhost, gloo
+collectives) give the same numbers as 1 process of 8 devices.
+
+Its own file so that pytest-xdist's per-file scheduling runs it beside test_reliability.py.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from kd_jax import train
+from tests.configs import tiny_crd, tiny_digits, tiny_online
+from tests.test_reliability import REPO, launch, read_jsonl
+
+
+@pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online", "tiny_crd"])
+def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path):
+  """KD, DML (2 peers on the replica axis) and CRD (bank rows over "data"): 2 x 4 devices == 1 x 8."""
+  workdir = str(tmp_path)
+  port = 20000 + (os.getpid() + len(config_name)) % 20000
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  path = os.path.join(REPO, "tests", "configs", f"{config_name}.py")
+  flags = [f"--config={path}", "--config.epochs=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [launch(workdir, *flags, f"--process_id={i}", env=env) for i in range(2)]
+  for proc in procs:
+    assert proc.wait() == 0, proc.output()[-3000:]
+  single = str(tmp_path / "single")
+  module = {"tiny_digits": tiny_digits, "tiny_online": tiny_online, "tiny_crd": tiny_crd}[config_name]
+  config = module.get_config()
+  config.epochs = 1
+  results = train.run(config, single)
+  for row in results:
+    multi = read_jsonl(os.path.join(workdir, row, "metrics.jsonl"))
+    one = read_jsonl(os.path.join(single, row, "metrics.jsonl"))
+    assert [m["step"] for m in multi] == [m["step"] for m in one] and len(one) > 5
+    assert sum(m["split"] == "train" for m in one) >= 5  # 20+ steps logged
+    np.testing.assert_allclose([m.get("loss", m.get("test_loss")) for m in multi],
+                               [m.get("loss", m.get("test_loss")) for m in one], rtol=1e-5)
