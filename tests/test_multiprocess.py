@@ -10,7 +10,7 @@ import pytest
 
 from kd_jax import train
 from tests.configs import tiny_crd, tiny_digits, tiny_online
-from tests.test_reliability import REPO, launch, read_jsonl
+from tests.processes import REPO, launch, read_jsonl
 
 
 @pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online", "tiny_crd"])

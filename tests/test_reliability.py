@@ -1,11 +1,8 @@
-"""Preemption safety: SIGKILL/SIGTERM at random steps, corrupt checkpoints, non-finite losses, multi-process."""
+"""Preemption safety: SIGKILL/SIGTERM at random steps, corrupt checkpoints, non-finite losses (multi-process: test_multiprocess)."""
 import glob
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,38 +12,8 @@ import pytest
 
 from kd_jax import distill, train
 from kd_jax.train import checkpoint, loop
-from tests.configs import tiny_crd, tiny_digits, tiny_online
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "tests", "configs", "tiny_digits.py")
-
-
-class Run:
-  """A training subprocess whose output goes to a file (a pipe could fill up and stall it)."""
-
-  def __init__(self, workdir, *flags, env=None):
-    config = [] if any(f.startswith("--config=") for f in flags) else [f"--config={CONFIG}"]
-    cmd = [sys.executable, "-m", "experiments.main", *config, f"--workdir={workdir}", *flags]
-    full_env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    self.log_path = os.path.join(workdir + ".logs", f"{time.time_ns()}.log")
-    os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-    self._log = open(self.log_path, "w")
-    self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
-
-  def poll(self):
-    return self.proc.poll()
-
-  def wait(self, timeout=300):
-    code = self.proc.wait(timeout=timeout)
-    self._log.close()
-    return code
-
-  def output(self):
-    with open(self.log_path) as f:
-      return f.read()
-
-
-launch = Run
+from tests.configs import tiny_digits
+from tests.processes import launch
 
 
 def checkpoint_steps(workdir, row):
@@ -63,11 +30,6 @@ def wait_for_progress(workdir, row, proc, beyond, timeout=120):
       return steps[-1]
     time.sleep(0.05)
   return None
-
-
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 def final_variables(workdir, row):
