@@ -75,6 +75,15 @@ def test_multi_exit_teachers_get_no_gradient_from_the_shallower_exits(teachers):
   np.testing.assert_allclose(grads[1], jax.grad(own)(EXITS[1]), rtol=1e-5, atol=1e-7)
 
 
+def test_docstring_examples_run():
+  import doctest
+
+  from kd_jax.losses import self_distillation
+
+  result = doctest.testmod(self_distillation, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
+
+
 def test_multi_exit_bad_options_are_refused():
   with pytest.raises(ValueError, match="teachers"):
     Objective({"multi_exit": {"teachers": "all"}})
@@ -288,6 +297,27 @@ def test_the_teacher_of_each_cycle_is_the_last_weights_of_the_previous_one(tmp_p
       jax.tree.map(np.testing.assert_array_equal, got, last_step)
     # ...and not an earlier snapshot: the weights moved during the cycle's last step.
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(runs[k][-2]), jax.tree.leaves(runs[k][-1])))
+
+
+def test_every_row_of_the_table_fits_its_model():
+  """mnist_self validates, and each row's terms trace (no compile) on its model's features at MNIST's shape."""
+  from kd_jax.train import config as config_lib
+
+  config = config_lib.validate(mnist_self.get_config())
+  for name, row in config.rows.items():
+    model = models.create(row.model, num_classes=10, **row.model_kwargs.to_dict())
+    objective = Objective(row.terms.to_dict(), steps_per_epoch=10, num_train=64)
+    images = jnp.zeros((2, 28, 28, 1), jnp.float32)
+
+    def loss(images):
+      (logits, features), _ = model.init_with_output({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                                                     images, train=True, return_features=True)
+      student = Outputs(logits, features)
+      teacher = Outputs(logits) if objective.needs_teacher else None
+      params, state = objective.init(jax.random.PRNGKey(0), student, teacher)
+      return objective(params, state, student, teacher, {"label": jnp.zeros(2, jnp.int32)}, step=jnp.asarray(0))[0]
+
+    assert jax.eval_shape(loss, images).shape == (), name
 
 
 # --- slow: each method learns on MNIST --------------------------------------------------------------------------

@@ -39,6 +39,12 @@ def multi_exit_kd_loss(exit_logits: Sequence[jax.Array], labels: jax.Array, *, t
   Returns:
     [B] float32.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> final = jnp.array([[4.0, 0.0, 0.0]])
+    >>> float(multi_exit_kd_loss([final, final], jnp.array([0]), alpha=1.0)[0])  # an exit agreeing with the final
+    0.0
+
   References:
     Phuong & Lampert 2019, "Distillation-Based Training for Multi-Exit Architectures", ICCV.
   """
@@ -69,7 +75,19 @@ def _joint_logits(joint_logits, what):
 
 
 def sla_joint_labels(labels: jax.Array, transformations: int) -> jax.Array:
-  """The joint labels (class y, transformation j) -> y · M + j, [B] -> [B, M] int32.
+  """The joint labels (class y, transformation j) -> y · M + j, per example.
+
+  Args:
+    labels: [B] int class labels.
+    transformations: M, the number of transformations (4 rotations in the paper).
+
+  Returns:
+    [B, M] int32: row b is (y_b · M + j for j = 0..M-1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sla_joint_labels(jnp.array([2]), 4).tolist()
+    [[8, 9, 10, 11]]
 
   References:
     Lee, Hwang & Shin 2020, "Self-supervised Label Augmentation via Input Transformations", ICML.
@@ -89,6 +107,11 @@ def sla_loss(joint_logits: jax.Array, labels: jax.Array) -> jax.Array:
   Returns:
     [B] float32.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(sla_loss(jnp.zeros((1, 4, 8)), jnp.array([1]))[0]), 4)  # uniform over 8 joint labels: log 8
+    2.0794
+
   References:
     Lee, Hwang & Shin 2020, "Self-supervised Label Augmentation via Input Transformations", ICML (eq. 4).
   """
@@ -104,6 +127,18 @@ def sla_aggregated_logits(joint_logits: jax.Array) -> jax.Array:
   classifier's logit of (class k, transformation j) on the input under
   transformation j, averaged over the transformations.
 
+  Args:
+    joint_logits: [B, M, K·M] float, as in `sla_loss`.
+
+  Returns:
+    [B, K] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> joint = jnp.arange(8.0).reshape(1, 2, 4)  # M = 2, K = 2: rows [0 1 2 3], [4 5 6 7]
+    >>> sla_aggregated_logits(joint).tolist()  # class 0: (0 + 5) / 2, class 1: (2 + 7) / 2
+    [[2.5, 4.5]]
+
   References:
     Lee, Hwang & Shin 2020, "Self-supervised Label Augmentation via Input Transformations", ICML.
   """
@@ -113,8 +148,23 @@ def sla_aggregated_logits(joint_logits: jax.Array) -> jax.Array:
 
 
 def sla_single_logits(joint_logits: jax.Array, transformations: int) -> jax.Array:
-  """SLA's single inference: the joint logits of (class k, identity) on the untransformed input,
-  joint_logits[:, 0, k · M], [B, M', K·M] -> [B, K] (only row 0 is read: M' may be 1)."""
+  """SLA's single inference: the joint logits of (class k, identity) on the untransformed input.
+
+  Args:
+    joint_logits: [B, M', K·M] float, as in `sla_loss`; only row 0 (the identity) is read, so M' may be 1.
+    transformations: M.
+
+  Returns:
+    [B, K] float32: joint_logits[:, 0, k · M].
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> sla_single_logits(jnp.arange(4.0).reshape(1, 1, 4), 2).tolist()
+    [[0.0, 2.0]]
+
+  References:
+    Lee, Hwang & Shin 2020, "Self-supervised Label Augmentation via Input Transformations", ICML.
+  """
   _checks.floating(joint_logits, what="sla_single_logits", name="joint_logits")
   _checks.rank(joint_logits, (3,), what="sla_single_logits", name="joint_logits [B, M, K·M]")
   b, _, km = jnp.shape(joint_logits)
