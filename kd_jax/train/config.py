@@ -55,7 +55,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
         init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
         weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
-        freeze: Sequence[str] = (), paper: float | str = "") -> ml_collections.ConfigDict:
+        freeze: Sequence[str] = (), data_start_epoch: int = 0, paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
   peers: K models trained together (online methods: DML, co-distillation), laid
@@ -75,6 +75,9 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
     them each step (logit methods on un-augmented inputs only).
+  data_start_epoch: the row's batches are those of epochs data_start_epoch, data_start_epoch + 1, ... of
+    the data order (a stage recipe that continues one run: snapshot distillation's cycle k starts at the
+    epoch where cycle k-1 stopped, rather than repeat its batches).
   weight_generator: weight distillation's phase 1: train a generator of the
     student's weights from the teacher's (kd_jax.distill.weight_distillation);
     `layer_pattern` finds the layer index in a param path.
@@ -90,7 +93,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
       "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
       "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
-      "freeze": list(freeze),
+      "freeze": list(freeze), "data_start_epoch": data_start_epoch,
       "paper": str(paper),  # text, so a table can mix numbers and notes
   })
 
@@ -148,6 +151,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           len(parts) > 1 and parts[1] not in terms):
         raise ValueError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', 'terms' or "
                          f"'terms/<term>[/...]' with a term of the row ({sorted(terms)})")
+    start = r.get("data_start_epoch", 0)
+    if not isinstance(start, int) or start < 0:
+      raise ValueError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
     if r.teacher == name:
       raise ValueError(f"row {name!r} names itself as its teacher")
     if row_epochs(config, name) < 1:
@@ -200,8 +206,9 @@ def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, A
   out = {key: _get(config, key) for key in _RUN_KEYS}
   out["epochs"] = row_epochs(config, row_name)
   out.update({f"rows.{row_name}.{key}": _get(config.rows[row_name], key) for key in _ROW_KEYS})
-  if config.rows[row_name].get("freeze"):  # only when set, so older checkpoints still resume
-    out[f"rows.{row_name}.freeze"] = _get(config.rows[row_name], "freeze")
+  for key in ("freeze", "data_start_epoch"):  # only when set, so older checkpoints still resume
+    if config.rows[row_name].get(key):
+      out[f"rows.{row_name}.{key}"] = _get(config.rows[row_name], key)
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint
 
 

@@ -438,8 +438,9 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     return int(bad_step)
 
   local = mesh_lib.local_block(batch_sharding, (spec.streams, batch_size))
-  batches = prefetch((_train_batch(dataset, batch_size, seed=config.seed, step=step, streams=spec.streams,
-                                   block=local) for step in range(start_step, stop_step)), 2)
+  data_offset = row.get("data_start_epoch", 0) * steps_per_epoch  # a stage that continues a run's data order
+  batches = prefetch((_train_batch(dataset, batch_size, seed=config.seed, step=data_offset + step,
+                                   streams=spec.streams, block=local) for step in range(start_step, stop_step)), 2)
   t0 = time.time()
   pending: list = []
   bar = tqdm.tqdm(total=stop_step, initial=start_step, desc=name, unit="step", dynamic_ncols=True, leave=False,
