@@ -6,9 +6,10 @@ mesh axis "replica"; each peer sees a data stream (one shared stream, or one per
 peer for co-distillation's stale mode) whose batch axis is sharded over "data".
 What a peer learns from is one of:
   - a frozen teacher (offline: KD, FitNets, CRD, ...), run in inference mode;
-  - the other peers' predictions on the same batch, exchanged every step
-    (DML; co-distillation's "predictions" mode): a roll over the peer axis,
-    which XLA lowers to a collective across the replica axis;
+  - the other peers' predictions (logits and named features) on the same batch,
+    exchanged every step (DML; co-distillation's "predictions" mode; AFD's
+    feature discriminators): a roll over the peer axis, which XLA lowers to a
+    collective across the replica axis;
   - stale copies of the other peers' parameters, refreshed every N steps and
     evaluated on the peer's own batch (co-distillation's "stale" mode).
 """
@@ -176,11 +177,13 @@ def _peer_rngs(rng, peers):
   return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(peers))
 
 
-def _peer_stub(spec: StepSpec, logits) -> Outputs | None:
-  """What online terms see at init: the other peers' logits [K-1, B, K]."""
+def _peer_stub(spec: StepSpec, logits, features) -> Outputs | None:
+  """What online terms see at init: the other peers' logits [K-1, B, K] (and, exchanging
+  predictions, their features [K-1, B, ...])."""
   if spec.exchange == "none":
     return None
-  return Outputs(jnp.broadcast_to(logits, (spec.peers - 1,) + logits.shape))
+  stack = lambda x: jnp.broadcast_to(x, (spec.peers - 1,) + x.shape)
+  return Outputs(stack(logits), jax.tree.map(stack, dict(features)) if spec.exchange == "predictions" else {})
 
 
 def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images: jax.Array) -> TrainState:
@@ -192,7 +195,7 @@ def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images
     init_rng, term_rng, dropout_rng = jax.random.split(peer_rng, 3)
     variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
     logits, features = spec.student.apply(variables, images, train=False, return_features=True)
-    source = teacher if teacher is not None else _peer_stub(spec, logits)
+    source = teacher if teacher is not None else _peer_stub(spec, logits, features)
     term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
     return variables["params"], variables.get("batch_stats", {}), term_params, method_state
 
@@ -256,7 +259,10 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
     logits, features, batch_stats = over_peers(spec, peer_forward, (0, 0, 0, stream_axis))(
         params["student"], state.batch_stats["student"], _peer_rngs(dropout_rng, k), pick(images))
     if spec.exchange == "predictions":
-      sources, source_axis = Outputs(jax.lax.stop_gradient(_others(logits, k))), 0
+      # The other peers' logits and features (feature-level online methods, e.g. AFD), as constants;
+      # XLA drops the exchange of the features no term reads.
+      others = lambda x: jax.lax.stop_gradient(_others(x, k))
+      sources, source_axis = Outputs(others(logits), {n: others(f) for n, f in features.items()}), 0
     elif spec.exchange == "stale":
       sources, source_axis = Outputs(stale_logits), 0
     else:

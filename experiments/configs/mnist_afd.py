@@ -1,0 +1,36 @@
+r"""AFD (Chung, Park, Kim & Kwak 2020, "Feature-map-level Online Adversarial Knowledge Distillation", ICML)
+on MNIST, next to DML (Zhang et al. 2018), the same two peers without the discriminators.
+
+Two 784-800-800-10 MLPs trained together from scratch (no teacher), the
+Hinton table's recipe (Adam 1e-3, cosine decay, batch 128, 60 epochs). Rows:
+  dml   each peer: CE + KL(p_other ‖ p_self) at T=1
+  afd   each peer: CE + KL as in dml + the least-squares adversarial loss on its
+        last hidden layer (`pre_logits`, [B, 800]): its discriminator (an MLP
+        800-64-1 in the term's state, own Adam 1e-4, b1=0.5) learns to tell the
+        other peer's features from its own, the peer to fool it
+        (kd_jax/distill/adversarial.py)
+
+  python -m experiments.main --config=experiments/configs/mnist_afd.py --workdir=/tmp/mnist_afd
+  python -m experiments.reproduce --config=experiments/configs/mnist_afd.py --seeds=3 --workdir=/tmp/mnist_afd
+"""
+from kd_jax.train import base_config, row
+
+
+def get_config(rows: str = ""):
+  c = base_config()
+  c.data.name = "mnist"
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 1000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  c.paper_metric = "test_errors"
+  common = dict(model="mlp_800", optimizer={"name": "adam", "learning_rate": 1e-3}, schedule={"name": "cosine"},
+                epochs=60, peers=2, exchange="predictions")
+  dml = {"ce": {}, "dml": {"temperature": 1.0}}
+  c.rows.dml = row(terms=dml, **common)
+  c.rows.afd = row(terms={**dml, "afd": {"weight": 1.0, "feature": "pre_logits", "hidden": [64], "kind": "lsgan",
+                                         "learning_rate": 1e-4, "b1": 0.5}}, **common)
+  if rows:
+    from experiments.configs import select_rows
+    select_rows(c, rows)
+  return c
