@@ -139,5 +139,5 @@ def test_mnist_search_front_beats_the_smallest_candidate(tmp_path):
           f"front={c['on_front']}")
   smallest = min(report["candidates"], key=lambda c: c["num_params"])
   best = max(report["front"], key=lambda c: c["test_accuracy"])
-  assert best["test_accuracy"] > smallest["test_accuracy"] and best["test_accuracy"] > 0.97
+  assert best["test_accuracy"] > smallest["test_accuracy"] and best["test_accuracy"] > 0.96
   assert (tmp_path / "pareto.png").exists()
