@@ -205,10 +205,15 @@ def row_name(widths: Arch, rung: int) -> str:
   return f"{arch_name(widths)}_r{rung}"
 
 
-def search(config, workdir: str) -> dict[str, Any]:
-  """Runs the search of `config.search` under `workdir`; returns {"candidates", "front"} (also written)."""
-  from kd_jax import train
+def search(config, workdir: str, *, run=None) -> dict[str, Any]:
+  """Runs the search of `config.search` under `workdir`; returns {"candidates", "front"} (also written).
 
+  `run(table_config, workdir) -> {row: result}` trains a table (default: `kd_jax.train.run`).
+  """
+  if run is None:
+    from kd_jax import train
+
+    run = train.run
   if "search" not in config:
     raise ValueError("the config has no `search` section (see experiments/configs/mnist_search.py)")
   s = config.search
@@ -228,7 +233,7 @@ def search(config, workdir: str) -> dict[str, Any]:
   def train_rung(batch: list[Arch], rung: int):
     rows = {row_name(a, r): candidate_row(s, a, r) for a in batch for r in range(rung + 1)}
     # Earlier rungs of these candidates are rows too (finished: read back), for their init_from.
-    out = train.run(_table(config, rows), workdir)
+    out = run(_table(config, rows), workdir)
     for a in batch:
       results[(a, rung)] = out[row_name(a, rung)]
 

@@ -46,6 +46,63 @@ def test_mutations_stay_in_the_space():
     arch = child
 
 
+def mlp_params(widths, inputs=64, classes=10):
+  sizes = [inputs] + list(widths) + [classes]
+  return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+class FakeTrainer:
+  """Stands in for kd_jax.train.run: a made-up accuracy per architecture that grows with the epochs."""
+
+  def __init__(self):
+    self.trained = []
+
+  def __call__(self, table, workdir):
+    out = {}
+    for name, r in table.rows.items():
+      if name == "teacher":
+        continue
+      widths = list(r.model_kwargs.widths)
+      epochs = r.epochs + (out[r.init_from]["epochs"] if r.init_from else 0)
+      capacity = 1 - 1 / (1 + sum(widths) / 100) / (1 + 0.3 * len(widths))
+      out[name] = {"test_accuracy": capacity * (1 - 0.5 ** epochs), "num_params": mlp_params(widths),
+                   "epochs": epochs}
+      self.trained.append(name)
+    return out
+
+
+def test_evolution_mutates_the_front_and_halves(tmp_path):
+  config = digits_search_config(candidates=9)
+  config.search.strategy = "evolution"
+  config.search.population = 3
+  config.search.depths = [1, 2, 3]
+  config.search.widths = [4, 16, 32, 64]
+  config.search.rungs = [1, 2, 2]
+  trainer = FakeTrainer()
+  report = search_lib.search(config, str(tmp_path), run=trainer)
+  candidates = report["candidates"]
+  assert len(candidates) == 9 and len({c["name"] for c in candidates}) == 9
+  # 9 at rung 0, ceil(9/3) = 3 at rung 1, 1 at rung 2.
+  assert sorted(c["rung"] for c in candidates) == [0] * 6 + [1] * 2 + [2]
+  # Each child of generations 2 and 3 is one mutation away from a member of the front it was drawn from.
+  def one_mutation(a, b):
+    if len(a) == len(b):
+      return sum(x != y for x, y in zip(a, b)) == 1
+    long, short = (a, b) if len(a) > len(b) else (b, a)
+    return len(long) == len(short) + 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+  archs = [tuple(c["widths"]) for c in candidates]
+  acc0 = [c["rung_accuracy"][0] for c in candidates]
+  for generation in (1, 2):
+    seen = slice(0, 3 * generation)
+    front = [a for a, on in zip(archs[seen], search_lib.pareto_front(
+        [mlp_params(a) for a in archs[seen]], acc0[seen])) if on]
+    for child in archs[3 * generation: 3 * generation + 3]:
+      assert any(one_mutation(child, parent) for parent in front), (child, front)
+  (final,) = [c for c in candidates if c["rung"] == 2]
+  assert final["on_front"] and final["epochs"] == 5 and report["front"] == [final]
+  assert (tmp_path / "pareto.png").exists()
+
+
 def digits_search_config(candidates=3):
   config = mnist_search.get_config()
   config.data.name = "digits"
