@@ -189,3 +189,12 @@ def test_mnist_afd_learns(tmp_path):
   print(f"afd: 2 epochs, test accuracy {result['test_accuracy']:.4f} (peers {result['peer_test_accuracy']}), "
         f"{result['wall_time_s']} s")
   assert min(result["peer_test_accuracy"]) > 0.97
+
+
+def test_mnist_afd_config_is_valid():
+  from experiments.configs import mnist_afd
+  from kd_jax.train import config as config_lib
+
+  config = config_lib.validate(mnist_afd.get_config())
+  assert config.rows.afd.peers == 2 and config.rows.afd.exchange.mode == "predictions"
+  assert set(config.rows.afd.terms) == {"ce", "dml", "afd"}

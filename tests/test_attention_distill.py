@@ -189,3 +189,12 @@ def test_attention_distilled_student_matches_or_beats_kd_on_reverse(tmp_path):
     print(f"{name}: per-token test accuracy {results[name]['test_accuracy']:.4f}, {results[name]['wall_time_s']} s")
   assert results["attention"]["test_accuracy"] >= results["kd"]["test_accuracy"] - 0.005
   assert results["attention"]["test_accuracy"] > 0.9
+
+
+def test_attention_transformer_config_is_valid():
+  from experiments.configs import attention_transformer
+  from kd_jax.train import config as config_lib
+
+  config = config_lib.validate(attention_transformer.get_config())
+  assert [r for r in config.rows if "attention" in config.rows[r].terms] == ["attention", "minilm", "tinybert_attn"]
+  assert all(config.rows[r].teacher == "teacher" for r in config.rows if r != "teacher")

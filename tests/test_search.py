@@ -198,3 +198,14 @@ def test_mnist_search_front_beats_the_smallest_candidate(tmp_path):
   best = max(report["front"], key=lambda c: c["test_accuracy"])
   assert best["test_accuracy"] > smallest["test_accuracy"] and best["test_accuracy"] > 0.96
   assert (tmp_path / "pareto.png").exists()
+
+
+def test_generated_table_is_a_valid_config():
+  from kd_jax.train import config as config_lib
+
+  config = mnist_search.get_config()
+  rows = {search_lib.row_name((800, 50), 0): search_lib.candidate_row(config.search, (800, 50), 0),
+          search_lib.row_name((800, 50), 1): search_lib.candidate_row(config.search, (800, 50), 1)}
+  table = config_lib.validate(search_lib._table(config, rows))
+  assert "search" not in table and table.rows.w800x50_r1.init_from == "w800x50_r0"
+  assert table.rows.w800x50_r0.teacher == "teacher" and list(table.rows.w800x50_r0.model_kwargs.widths) == [800, 50]
