@@ -376,27 +376,48 @@ def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
       donate_argnums=(0,))
 
 
+def eval_heads(model: nn.Module) -> tuple[str, ...]:
+  """The features of `model` that hold other predictions [B, classes] (early exits, SLA's aggregate), which
+  the evaluation scores besides its logits: the model's `eval_heads` attribute, () for most models."""
+  return tuple(getattr(model, "eval_heads", ()))
+
+
 def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True,
-                   compute_dtype: str = "float32"):
+                   compute_dtype: str = "float32", heads: tuple[str, ...] | None = None):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
   peers' ensemble (mean of probabilities) "ensemble_correct", and "count". With per-position
-  labels [B, T] (sequences) every position counts as one prediction (per-token sums)."""
+  labels [B, T] (sequences) every position counts as one prediction (per-token sums).
+  `heads`: features of the model that are predictions too [B, classes] (early exits, a group's
+  members; by default the model's `eval_heads`), each counted in "head_correct" {name: [K]}."""
+  heads = eval_heads(model) if heads is None else tuple(heads)
+
+  def forward(v, images):
+    if not heads:
+      return apply_model(model, v, images, train=False, compute_dtype=compute_dtype), {}
+    logits, features = apply_model(model, v, images, train=False, return_features=True,
+                                   compute_dtype=compute_dtype)
+    missing = [name for name in heads if name not in features]
+    if missing:
+      raise KeyError(f"eval heads {missing} are not features of the model; available features: {sorted(features)}")
+    return logits, {name: features[name] for name in heads}
 
   def eval_step(variables, batch):
     images = normalize(model_inputs(batch["image"]))
     # [K, B, classes]; as in training, peers sharing devices run one after another.
     peers = jax.tree.leaves(variables)[0].shape[0]
-    logits = map_peers(lambda v: apply_model(model, v, images, train=False, compute_dtype=compute_dtype),
-                       (variables,), (0,), peers=peers,
-                       sequential=sequential)
+    logits, head_logits = map_peers(lambda v: forward(v, images), (variables,), (0,), peers=peers,
+                                    sequential=sequential)
     mask = batch["mask"].astype(jnp.float32)
     mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (batch["label"].ndim - 1)), batch["label"].shape)
     hits = lambda l: (jnp.argmax(l, -1) == batch["label"]).astype(jnp.float32)
     masked_sum = jax.vmap(lambda per_example: jnp.sum(per_example * mask))  # over peers
     ce = jax.vmap(lambda l: losses.cross_entropy(l, batch["label"]))(logits)
     ensemble = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
-    return {"correct": masked_sum(jax.vmap(hits)(logits)), "loss": masked_sum(ce),
+    sums = {"correct": masked_sum(jax.vmap(hits)(logits)), "loss": masked_sum(ce),
             "ensemble_correct": jnp.sum(hits(ensemble) * mask), "count": jnp.sum(mask)}
+    if heads:
+      sums["head_correct"] = {name: masked_sum(jax.vmap(hits)(z)) for name, z in head_logits.items()}
+    return sums
 
   # Variables keep the sharding they were trained with (peers split over "replica").
   return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
