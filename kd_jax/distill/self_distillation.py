@@ -59,3 +59,61 @@ class ClassWiseSelfKD(Term):
     has_partner = jnp.any(same, axis=1)
     kl = losses.class_wise_kd_loss(student.logits, student.logits[partner], temperature=self.temperature)
     return jnp.where(has_partner, kl, 0.0), state
+
+
+@register_term("multi_exit")
+class MultiExitDistillation(Term):
+  """Distillation-based training of multi-exit networks (Phuong & Lampert 2019) on a `with_exits` model.
+
+  For the early exits z_1..z_{M-1} (`stages`, shallowest first) and the final
+  exit z_M (the model's logits), per example (`losses.multi_exit_kd_loss`):
+
+      Σ_{m < M} (1 − α) · CE(z_m, y) + α · T² · KL(q_m ‖ softmax(z_m / T)),
+
+  q_m the final exit's softmax(z_M / T) (`teachers="final"`) or the mean of the
+  KLs from every deeper exit (`teachers="deeper"`), the targets stop-gradient.
+  The final exit's cross-entropy is the separate `ce` term.
+  """
+
+  def __init__(self, stages: Sequence[str] = ("stage1", "stage2"), temperature: float = 4.0, alpha: float = 0.5,
+               teachers: str = "final"):
+    if teachers not in losses.self_distillation.TEACHERS:
+      raise ValueError(f"multi_exit: teachers must be one of {losses.self_distillation.TEACHERS}, got {teachers!r}")
+    if not 0.0 <= alpha <= 1.0:
+      raise ValueError(f"multi_exit: alpha must lie in [0, 1], got {alpha}")
+    if not stages:
+      raise ValueError("multi_exit: stages must name at least one early exit (e.g. ['stage1'])")
+    self.stages, self.temperature, self.alpha, self.teachers = tuple(stages), temperature, alpha, teachers
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    exits = [feature(student, f"exit_{stage}_logits", who="student (a with_exits model)") for stage in self.stages]
+    return losses.multi_exit_kd_loss(exits + [student.logits], batch["label"], temperature=self.temperature,
+                                     alpha=self.alpha, teachers=self.teachers), state
+
+
+@register_term("sla")
+class SelfSupervisedLabelAugmentation(Term):
+  """SLA (Lee, Hwang & Shin 2020) on an `sla` model (kd_jax.models.sla), per example:
+
+      (1 / M) Σ_j CE(joint_j, y · M + j)  [+ T² · KL(softmax(z_agg / T) ‖ softmax(z_sd / T)) + β · CE(z_sd, y)],
+
+  the joint classifier's cross-entropy over the (class, rotation) labels
+  (`losses.sla_loss`), and with `self_distillation` (SLA+SD) the SD head z_sd
+  matching the aggregated logits z_agg (`losses.sla_aggregated_logits`, a
+  constant) plus its own cross-entropy (β = `sd_ce_weight`; T = 1 in the
+  paper). The term includes every cross-entropy: use it alone, without `ce`.
+  """
+
+  def __init__(self, self_distillation: bool = True, temperature: float = 1.0, sd_ce_weight: float = 1.0):
+    self.self_distillation, self.temperature, self.sd_ce_weight = bool(self_distillation), temperature, sd_ce_weight
+
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    who = "student (an `sla` model)"
+    joint = feature(student, "joint_logits", who=who)
+    loss = losses.sla_loss(joint, batch["label"])
+    if self.self_distillation:
+      sd = feature(student, "sd_logits", who=who)
+      target = jax.lax.stop_gradient(feature(student, "aggregated_logits", who=who))
+      loss = loss + losses.kd_loss(sd, target, temperature=self.temperature)
+      loss = loss + self.sd_ce_weight * losses.cross_entropy(sd, batch["label"])
+    return loss, state

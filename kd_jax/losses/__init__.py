@@ -17,6 +17,8 @@ jax.vmap and jax.grad; bad shapes raise a ValueError naming the shapes.
                 correlation_congruence_loss
   contrastive   CRDBank, crd_init_bank, crd_sample_negatives, crd_loss
   online        mutual_learning_loss, codistillation_loss, gated_ensemble_logits
+  self_distillation  multi_exit_kd_loss, sla_loss, sla_joint_labels, sla_aggregated_logits,
+                sla_single_logits
   adversarial   adversarial_generator_loss, adversarial_discriminator_loss (AFD)
   attention     attention_map_loss, value_relation, value_relation_loss (MiniLM, TinyBERT)
 """
@@ -28,6 +30,8 @@ from kd_jax.losses.features import (activation_boundary_loss, attention_transfer
 from kd_jax.losses.logits import (class_wise_kd_loss, cross_entropy, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
                                   teacher_free_kd_loss, virtual_teacher_logits)
 from kd_jax.losses.online import codistillation_loss, gated_ensemble_logits, mutual_learning_loss
+from kd_jax.losses.self_distillation import (multi_exit_kd_loss, sla_aggregated_logits, sla_joint_labels,
+                                             sla_loss, sla_single_logits)
 from kd_jax.losses.relations import (correlation_congruence_loss, pkt_loss, rkd_loss,
                                      similarity_preserving_loss)
 
@@ -39,6 +43,7 @@ __all__ = [
     "similarity_preserving_loss", "rkd_loss", "pkt_loss", "correlation_congruence_loss",
     "CRDBank", "crd_init_bank", "crd_sample_negatives", "crd_loss",
     "mutual_learning_loss", "codistillation_loss", "gated_ensemble_logits",
+    "multi_exit_kd_loss", "sla_loss", "sla_joint_labels", "sla_aggregated_logits", "sla_single_logits",
     "adversarial_generator_loss", "adversarial_discriminator_loss",
     "attention_map_loss", "value_relation", "value_relation_loss",
 ]

@@ -5,7 +5,9 @@ feature: global average pooling, a bottleneck projecting to the width of the
 model's `pre_logits` (so shallow features can be compared with the deepest),
 ReLU, and a classifier. Features add `exit_<stage>` [B, D] and
 `exit_<stage>_logits` [B, classes]; the wrapped model's own features and logits
-are unchanged (its logits are the deepest exit).
+are unchanged (its logits are the deepest exit). The evaluation reports each
+exit's test accuracy as `test_accuracy/exit_<stage>` and its cost (FLOPs and
+params up to it) in the result's `cost` (`eval_heads`; kd_jax/train/loop.py).
 
   model = kd_jax.models.create("with_exits", num_classes=100, base="resnet8",
                                stages=("stage1", "stage2"))
@@ -24,6 +26,11 @@ class WithExits(nn.Module):
   base: nn.Module
   stages: Sequence[str]
   num_classes: int
+
+  @property
+  def eval_heads(self) -> tuple[str, ...]:
+    """Features holding other predictions [B, classes] of the model, evaluated besides its logits."""
+    return tuple(f"exit_{stage}_logits" for stage in self.stages)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, return_features: bool = False):

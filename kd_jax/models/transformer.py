@@ -163,7 +163,8 @@ class Transformer(nn.Module):
     drop = nn.Dropout(self.dropout, deterministic=not train)
 
     def embed(tokens, name):
-      return drop(nn.Embed(self.num_classes, self.width, name=name)(tokens) * np.sqrt(self.width) + positions[None])
+      embedded = nn.Embed(self.num_classes, self.width, name=name)(tokens)
+      return drop(embedded * np.sqrt(self.width) + positions[None].astype(embedded.dtype))
 
     stack = lambda n, decoder, name: Stack(n, self.heads, self.ffn, self.dropout, decoder, name=name)
     encoded, encoder_features = stack(self.layers, False, "encoder")(embed(x[:, 0], "source_embed"), None, train)

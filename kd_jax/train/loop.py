@@ -134,7 +134,47 @@ def evaluate(eval_step, variables, dataset, batch_size: int, mesh) -> dict[str, 
   if correct.size > 1:
     result["peer_test_accuracy"] = [int(c) / count for c in correct]
     result["ensemble_test_accuracy"] = float(totals["ensemble_correct"]) / count
+  for name, head_correct in totals.get("head_correct", {}).items():  # early exits, SLA's heads (mean over peers)
+    result[f"test_accuracy/{head_name(name)}"] = float(np.rint(head_correct).mean()) / count
   return result
+
+
+def head_name(feature_name: str) -> str:
+  """The metric name of an eval head: `exit_stage1_logits` -> `exit_stage1`."""
+  return feature_name[:-len("_logits")] if feature_name.endswith("_logits") else feature_name
+
+
+def _used_inputs(closed_jaxpr) -> list[bool]:
+  """Which inputs of a jaxpr its outputs depend on (an equation counts whole: all its inputs if any output)."""
+  jaxpr = closed_jaxpr.jaxpr
+  needed = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars):
+      needed.update(v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
+  return [v in needed for v in jaxpr.invars]
+
+
+def head_costs(model, variables, example: jax.Array) -> dict[str, dict[str, int]]:
+  """The inference cost of each output of a model with `eval_heads`, for one example: {"model" (its logits)
+  or head name: {"flops": XLA's cost analysis of the function computing that output alone (what it does not
+  need is dead code, removed), "params": the count of the params it depends on}}."""
+  outputs = {"model": None, **{head_name(h): h for h in engine.eval_heads(model)}}
+  example = example[:1]
+  costs = {}
+  for name, head in outputs.items():
+    def predict(params, x, head=head):
+      v = {**variables, "params": params}
+      return model.apply(v, x, train=False) if head is None else model.apply(
+          v, x, train=False, return_features=True)[1][head]
+
+    compiled = jax.jit(predict).lower(variables["params"], example).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    leaves = jax.tree.leaves(variables["params"])
+    used = _used_inputs(jax.make_jaxpr(predict)(variables["params"], example))[:len(leaves)]
+    costs[name] = {"flops": int(round(float(analysis.get("flops", 0.0)))),
+                   "params": int(sum(np.size(leaf) for leaf, u in zip(leaves, used) if u))}
+  return costs
 
 
 def _input_dtype(dataset: data_lib.Dataset) -> np.dtype:
@@ -232,7 +272,7 @@ def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, ba
   """Test accuracy of the mean of the probabilities of this row's model and the models in `dirs`."""
   members = [variables] + [checkpoint_lib.load_model(d)[0] for d in dirs]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *members)
-  totals = evaluate(engine.make_eval_step(model, normalize, mesh), stacked, dataset, batch_size, mesh)
+  totals = evaluate(engine.make_eval_step(model, normalize, mesh, heads=()), stacked, dataset, batch_size, mesh)
   return totals["ensemble_test_accuracy"]
 
 
@@ -304,7 +344,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       optimizer=_with_frozen(optim.make_optimizer(row.optimizer, schedule), frozen),
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
       peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
-      teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1)
+      teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1,
+      compute_dtype=config.compute_dtype)
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
@@ -363,7 +404,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     log.info("row %s: resuming at step %d of %d", name, start_step, stop_step)
 
   train_step = engine.make_train_step(spec, mesh, state_sharding)
-  eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers)
+  eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers,
+                                    compute_dtype=spec.compute_dtype)
   metrics_log = _MetricsLog(os.path.join(row_dir, "metrics.jsonl"), resume_step=start_step)
   batch_sharding = engine.batch_sharding(mesh, spec)
 
@@ -451,6 +493,9 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     final["ensemble_test_accuracy"] = _ensemble_accuracy(
         list(ensemble_dirs), engine.unstack(_fetch(student_variables(state), mesh)), student, normalize,
         dataset, config.data.eval_batch_size, mesh)
+  if engine.eval_heads(student):  # early exits: what each exit costs, next to its accuracy
+    final["cost"] = head_costs(student, engine.unstack(_fetch(student_variables(state), mesh)),
+                               normalize(engine.model_inputs(example)))
   result = {
       **final,
       "best_test_accuracy": max([h["test_accuracy"] for h in history] + [final["test_accuracy"]]),
