@@ -13,6 +13,9 @@ encoder-decoders; Adam 1e-3 with a cosine decay). Rows:
                  value-relation KL(softmax(V Vᵀ/√d)) of the self-attentions
   tinybert_attn  kd + TinyBERT-style MSE between attention maps (probabilities), uniform mapping
 
+Measured on CPU, seed 0, as in the table (tests/test_attention_distill.py, slow; per-token test
+accuracy): teacher 99.94%, kd 96.48%, attention 99.90%.
+
   python -m experiments.main --config=experiments/configs/attention_transformer.py --workdir=/tmp/attention
   python -m experiments.reproduce --config=experiments/configs/attention_transformer.py --seeds=2 \
       --workdir=/tmp/attention

@@ -14,7 +14,8 @@ The adversarial weight and the discriminator's learning rate are ours (the
 paper's are for CIFAR/ImageNet conv features): on MNIST, weight 0.1 with a
 discriminator Adam at 1e-4 let the discriminators win and cost accuracy (92.5%
 vs DML's 96.5% test accuracy after 300 steps); at 1e-5 the peers learn as fast
-as DML's (96.5%).
+as DML's (96.5%). Measured (tests/test_afd.py, slow): afd after 2 epochs 97.50% test accuracy
+(peers 97.48%, 97.53%).
 
   python -m experiments.main --config=experiments/configs/mnist_afd.py --workdir=/tmp/mnist_afd
   python -m experiments.reproduce --config=experiments/configs/mnist_afd.py --seeds=3 --workdir=/tmp/mnist_afd

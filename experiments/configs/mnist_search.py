@@ -10,6 +10,10 @@ candidate trains `rungs[0]` epochs, the best third by Pareto rank (eta=3)
 candidate, `on_front`) and pareto.png (accuracy vs parameters, the front
 highlighted) in the workdir; resumable.
 
+Measured (tests/test_search.py, slow: a 784-400-400-10 teacher of 2 epochs, 5 random
+candidates, rungs [1, 1], eta 2): front w400x200x100 96.69%, w800x200 96.98%,
+w800x400 97.04% (2 epochs each); stopped after 1 epoch: w50 89.49%, w800 95.50%.
+
   python -m experiments.search --config=experiments/configs/mnist_search.py --workdir=/tmp/mnist_search
   python -m experiments.search --config=experiments/configs/mnist_search.py --workdir=/tmp/mnist_search_evo \
       --strategy=evolution --candidates=24 --seed=1
