@@ -167,3 +167,5 @@ from kd_jax.distill import online as _online  # noqa: E402,F401
 from kd_jax.distill import self_distillation as _self_distillation  # noqa: E402,F401
 from kd_jax.distill import contrastive as _contrastive  # noqa: E402,F401
 from kd_jax.distill import one as _one  # noqa: E402,F401
+from kd_jax.distill import adversarial as _adversarial  # noqa: E402,F401
+from kd_jax.distill import attention as _attention  # noqa: E402,F401

@@ -19,7 +19,11 @@ jax.vmap and jax.grad; bad shapes raise a ValueError naming the shapes.
   online        mutual_learning_loss, codistillation_loss, gated_ensemble_logits
   self_distillation  multi_exit_kd_loss, sla_loss, sla_joint_labels, sla_aggregated_logits,
                 sla_single_logits
+  adversarial   adversarial_generator_loss, adversarial_discriminator_loss (AFD)
+  attention     attention_map_loss, value_relation, value_relation_loss (MiniLM, TinyBERT)
 """
+from kd_jax.losses.adversarial import adversarial_discriminator_loss, adversarial_generator_loss
+from kd_jax.losses.attention import attention_map_loss, value_relation, value_relation_loss
 from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss, crd_sample_negatives
 from kd_jax.losses.features import (activation_boundary_loss, attention_transfer_loss, factor_transfer_loss,
                                     fsp_loss, hierarchical_context_loss, hint_loss, nst_loss, vid_loss)
@@ -40,4 +44,6 @@ __all__ = [
     "CRDBank", "crd_init_bank", "crd_sample_negatives", "crd_loss",
     "mutual_learning_loss", "codistillation_loss", "gated_ensemble_logits",
     "multi_exit_kd_loss", "sla_loss", "sla_joint_labels", "sla_aggregated_logits", "sla_single_logits",
+    "adversarial_generator_loss", "adversarial_discriminator_loss",
+    "attention_map_loss", "value_relation", "value_relation_loss",
 ]

@@ -24,7 +24,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False, return_features: bool = False):
     features = {}
-    x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    x = x.reshape((x.shape[0], -1))
+    x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)  # bf16 inputs stay bf16
     x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
     for i, width in enumerate(self.widths, start=1):
       x = nn.Dense(width, name=f"dense{i}")(x)

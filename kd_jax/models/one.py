@@ -56,7 +56,8 @@ class _MLPPart(nn.Module):
   def __call__(self, x, train: bool):
     features = {}
     if self.input_dropout is not None:
-      x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+      x = x.reshape((x.shape[0], -1))
+      x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
       x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
     for i, width in enumerate(self.widths, start=self.first):
       x = nn.Dense(width, name=f"dense{i}")(x)

@@ -15,7 +15,13 @@ query/key/value kernels [D, H, D/H] and out kernel [H, D/H, D]; FFN: `mlp/dense1
 groups the instances of each class across layers.
 
 Features: `encoder` (the encoder's output, [B, T, D]) and `pre_logits` (the
-decoder's final normalised states, [B, T, D]).
+decoder's final normalised states, [B, T, D]); per layer i the attention
+probabilities [B, H, Tq, Tk] `encoder_attention_<i>`, `decoder_self_attention_<i>`
+(causal), `decoder_cross_attention_<i>` and the values [B, H, Tk, D/H]
+`encoder_values_<i>`, `decoder_self_values_<i>`, `decoder_cross_values_<i>`;
+`decoder_self_attention_mask` [B, 1, T, T] (1 where a query may attend: the
+causal mask; the other attentions see every position). Attention distillation
+(MiniLM, TinyBERT) reads them: kd_jax/distill/attention.py.
 """
 from __future__ import annotations
 
@@ -48,9 +54,32 @@ class FeedForward(nn.Module):
     return nn.Dense(x.shape[-1], name="dense2")(h)
 
 
-def _attention(heads: int, width: int, dropout: float, train: bool, name: str):
-  return nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=width, out_features=width,
-                                         dropout_rate=dropout, deterministic=not train, name=name)
+class Attention(nn.Module):
+  """Multi-head dot-product attention that also returns its probabilities and values.
+
+  The computation and the params (`query`, `key`, `value` kernels [D, H, D/H],
+  `out` kernel [H, D/H, D], with biases) are those of flax's
+  `nn.MultiHeadDotProductAttention` (tests/test_attention_distill.py checks the
+  parity); returns (output [B, Tq, D], probabilities [B, H, Tq, Tk], values
+  [B, H, Tk, D/H]), the probabilities before dropout.
+  """
+
+  heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, *, mask=None, train: bool = False):
+    width = inputs_q.shape[-1]
+    head_dim = width // self.heads
+    dense = lambda name: nn.DenseGeneral((self.heads, head_dim), axis=-1, name=name)
+    query, key, value = dense("query")(inputs_q), dense("key")(inputs_kv), dense("value")(inputs_kv)
+    logits = jnp.einsum("...qhd,...khd->...hqk", query / jnp.sqrt(head_dim).astype(query.dtype), key)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    probabilities = jax.nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(self.dropout, broadcast_dims=(0, 1), deterministic=not train)(probabilities)
+    out = nn.DenseGeneral(width, axis=(-2, -1), name="out")(jnp.einsum("...hqk,...khd->...qhd", weights, value))
+    return out, probabilities, jnp.swapaxes(value, -3, -2)
 
 
 class EncoderLayer(nn.Module):
@@ -62,9 +91,11 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, train: bool):
     drop = nn.Dropout(self.dropout, deterministic=not train)
     h = nn.LayerNorm(name="self_attention_norm")(x)
-    x = x + drop(_attention(self.heads, x.shape[-1], self.dropout, train, "self_attention")(h, h))
+    attended, probabilities, values = Attention(self.heads, self.dropout, name="self_attention")(h, h, train=train)
+    x = x + drop(attended)
     h = nn.LayerNorm(name="mlp_norm")(x)
-    return x + drop(FeedForward(self.ffn, self.dropout, name="mlp")(h, train))
+    return x + drop(FeedForward(self.ffn, self.dropout, name="mlp")(h, train)), {
+        "attention": probabilities, "values": values}
 
 
 class DecoderLayer(nn.Module):
@@ -77,15 +108,22 @@ class DecoderLayer(nn.Module):
     drop = nn.Dropout(self.dropout, deterministic=not train)
     causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
     h = nn.LayerNorm(name="self_attention_norm")(x)
-    x = x + drop(_attention(self.heads, x.shape[-1], self.dropout, train, "self_attention")(h, h, mask=causal))
+    attended, self_probabilities, self_values = Attention(self.heads, self.dropout, name="self_attention")(
+        h, h, mask=causal, train=train)
+    x = x + drop(attended)
     h = nn.LayerNorm(name="cross_attention_norm")(x)
-    x = x + drop(_attention(self.heads, x.shape[-1], self.dropout, train, "cross_attention")(h, encoded))
+    attended, cross_probabilities, cross_values = Attention(self.heads, self.dropout, name="cross_attention")(
+        h, encoded, train=train)
+    x = x + drop(attended)
     h = nn.LayerNorm(name="mlp_norm")(x)
-    return x + drop(FeedForward(self.ffn, self.dropout, name="mlp")(h, train))
+    return x + drop(FeedForward(self.ffn, self.dropout, name="mlp")(h, train)), {
+        "self_attention": self_probabilities, "self_values": self_values,
+        "cross_attention": cross_probabilities, "cross_values": cross_values}
 
 
 class Stack(nn.Module):
-  """`layers` encoder or decoder layers (`layers_<i>`) and a final LayerNorm (`norm`)."""
+  """`layers` encoder or decoder layers (`layers_<i>`) and a final LayerNorm (`norm`); returns the
+  output and each layer's attention features, named `<kind>_<i>`."""
 
   layers: int
   heads: int
@@ -95,12 +133,14 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, encoded, train: bool):
+    features = {}
     for i in range(self.layers):
       if self.decoder:
-        x = DecoderLayer(self.heads, self.ffn, self.dropout, name=f"layers_{i}")(x, encoded, train)
+        x, layer = DecoderLayer(self.heads, self.ffn, self.dropout, name=f"layers_{i}")(x, encoded, train)
       else:
-        x = EncoderLayer(self.heads, self.ffn, self.dropout, name=f"layers_{i}")(x, train)
-    return nn.LayerNorm(name="norm")(x)
+        x, layer = EncoderLayer(self.heads, self.ffn, self.dropout, name=f"layers_{i}")(x, train)
+      features.update({f"{kind}_{i}": value for kind, value in layer.items()})
+    return nn.LayerNorm(name="norm")(x), features
 
 
 class Transformer(nn.Module):
@@ -123,14 +163,21 @@ class Transformer(nn.Module):
     drop = nn.Dropout(self.dropout, deterministic=not train)
 
     def embed(tokens, name):
-      return drop(nn.Embed(self.num_classes, self.width, name=name)(tokens) * np.sqrt(self.width) + positions[None])
+      embedded = nn.Embed(self.num_classes, self.width, name=name)(tokens)
+      return drop(embedded * np.sqrt(self.width) + positions[None].astype(embedded.dtype))
 
     stack = lambda n, decoder, name: Stack(n, self.heads, self.ffn, self.dropout, decoder, name=name)
-    encoded = stack(self.layers, False, "encoder")(embed(x[:, 0], "source_embed"), None, train)
-    decoded = stack(self.decoder_layers or self.layers, True, "decoder")(
+    encoded, encoder_features = stack(self.layers, False, "encoder")(embed(x[:, 0], "source_embed"), None, train)
+    decoded, decoder_features = stack(self.decoder_layers or self.layers, True, "decoder")(
         embed(x[:, 1], "target_embed"), encoded, train)
     logits = nn.Dense(self.num_classes, name="head")(decoded)
-    return (logits, {"encoder": encoded, "pre_logits": decoded}) if return_features else logits
+    if not return_features:
+      return logits
+    causal = nn.make_causal_mask(jnp.ones(x.shape[:1] + x.shape[2:], jnp.int32))  # [B, 1, T, T]
+    features = {"encoder": encoded, "pre_logits": decoded, "decoder_self_attention_mask": causal.astype(jnp.float32),
+                **{f"encoder_{k}": v for k, v in encoder_features.items()},
+                **{f"decoder_{k}": v for k, v in decoder_features.items()}}
+    return logits, features
 
 
 @register("transformer", input_shape=None)

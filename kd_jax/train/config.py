@@ -36,6 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_steps = 0  # > 0: every row stops after this many steps (smoke runs)
   c.data = ml_collections.ConfigDict({"name": "digits", "dir": "", "batch_size": 64, "eval_batch_size": 200})
   c.mesh = ml_collections.ConfigDict({"replica": 1, "data": -1})
+  # "bfloat16": models compute in bf16 from float32 master params (GPU/TPU; slow on CPU).
+  c.compute_dtype = "float32"
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
@@ -119,6 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"epochs must be a non-negative int, got {config.epochs!r}")
   if not isinstance(config.max_steps, int) or config.max_steps < 0:
     raise ValueError(f"max_steps must be a non-negative int, got {config.max_steps!r}")
+  if config.compute_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
   for key in ("batch_size", "eval_batch_size"):
     if config.data[key] < 1:
       raise ValueError(f"data.{key} must be positive, got {config.data[key]}")

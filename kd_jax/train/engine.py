@@ -6,9 +6,10 @@ mesh axis "replica"; each peer sees a data stream (one shared stream, or one per
 peer for co-distillation's stale mode) whose batch axis is sharded over "data".
 What a peer learns from is one of:
   - a frozen teacher (offline: KD, FitNets, CRD, ...), run in inference mode;
-  - the other peers' predictions on the same batch, exchanged every step
-    (DML; co-distillation's "predictions" mode): a roll over the peer axis,
-    which XLA lowers to a collective across the replica axis;
+  - the other peers' predictions (logits and named features) on the same batch,
+    exchanged every step (DML; co-distillation's "predictions" mode; AFD's
+    feature discriminators): a roll over the peer axis, which XLA lowers to a
+    collective across the replica axis;
   - stale copies of the other peers' parameters, refreshed every N steps and
     evaluated on the peer's own batch (co-distillation's "stale" mode).
 """
@@ -32,6 +33,8 @@ from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
 
 EXCHANGES = ("none", "predictions", "stale")
+# Mixed precision: params are kept (and updated) in float32, the models run in the compute dtype.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -83,8 +86,13 @@ class StepSpec:
   # Peers that share devices run one after another, peers on their own replica
   # groups in parallel (vmapped); see `map_peers`.
   sequential_peers: bool = True
+  # "bfloat16": student, teacher and peers compute in bf16 (accelerators) from float32 master
+  # params; BatchNorm statistics, outputs, losses and updates stay float32 (see `apply_model`).
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; known: {sorted(COMPUTE_DTYPES)}")
     if self.exchange not in EXCHANGES:
       raise ValueError(f"unknown exchange mode {self.exchange!r}; known: {EXCHANGES}")
     if self.peers < 1:
@@ -120,6 +128,30 @@ def _variables(params, batch_stats):
   return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32", **kwargs):
+  """`model.apply(variables, x, **kwargs)` with params and float inputs in `compute_dtype`.
+
+  The modules infer their dtype from inputs and params, so casting both runs every
+  Dense/Conv in the compute dtype. BatchNorm statistics stay float32 (flax computes
+  them in at least float32, and the running averages are not cast); the outputs
+  (logits, features) are returned in float32, so losses and metrics are float32.
+  Gradients reach the float32 params through the cast.
+  """
+  dtype = COMPUTE_DTYPES[compute_dtype]
+  if dtype == jnp.float32:
+    return model.apply(variables, x, **kwargs)
+  variables = {**variables, "params": _cast_floats(variables["params"], dtype)}
+  out = model.apply(variables, _cast_floats(x, dtype), **kwargs)
+  if kwargs.get("mutable"):
+    (outputs, updates) = out
+    return _cast_floats(outputs, jnp.float32), updates
+  return _cast_floats(out, jnp.float32)
+
+
 def student_params(spec: StepSpec, params, teacher_variables):
   """The student module's params: `params` itself, or generated from the teacher's by the generator."""
   if spec.generator is None:
@@ -139,7 +171,8 @@ def teacher_outputs(spec: StepSpec, teacher_variables, images, indices=None) -> 
     return Outputs(jax.lax.stop_gradient(teacher_variables["cache"][indices]))
   if spec.teacher is None:
     return None
-  logits, features = spec.teacher.apply(teacher_variables, images, train=False, return_features=True)
+  logits, features = apply_model(spec.teacher, teacher_variables, images, train=False, return_features=True,
+                                 compute_dtype=spec.compute_dtype)
   return jax.lax.stop_gradient(Outputs(logits, features))
 
 
@@ -176,11 +209,13 @@ def _peer_rngs(rng, peers):
   return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(peers))
 
 
-def _peer_stub(spec: StepSpec, logits) -> Outputs | None:
-  """What online terms see at init: the other peers' logits [K-1, B, K]."""
+def _peer_stub(spec: StepSpec, logits, features) -> Outputs | None:
+  """What online terms see at init: the other peers' logits [K-1, B, K] (and, exchanging
+  predictions, their features [K-1, B, ...])."""
   if spec.exchange == "none":
     return None
-  return Outputs(jnp.broadcast_to(logits, (spec.peers - 1,) + logits.shape))
+  stack = lambda x: jnp.broadcast_to(x, (spec.peers - 1,) + x.shape)
+  return Outputs(stack(logits), jax.tree.map(stack, dict(features)) if spec.exchange == "predictions" else {})
 
 
 def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images: jax.Array) -> TrainState:
@@ -192,7 +227,7 @@ def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images
     init_rng, term_rng, dropout_rng = jax.random.split(peer_rng, 3)
     variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
     logits, features = spec.student.apply(variables, images, train=False, return_features=True)
-    source = teacher if teacher is not None else _peer_stub(spec, logits)
+    source = teacher if teacher is not None else _peer_stub(spec, logits, features)
     term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
     return variables["params"], variables.get("batch_stats", {}), term_params, method_state
 
@@ -236,7 +271,8 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
 
   if spec.exchange == "stale":
     def peer_predictions(params, batch_stats, peer_images):
-      return spec.student.apply(_variables(params, batch_stats), peer_images, train=False)
+      return apply_model(spec.student, _variables(params, batch_stats), peer_images, train=False,
+                         compute_dtype=spec.compute_dtype)
 
     # Peer k reads the copy of peer (k - shift) for each shift: its own stale peers, on its own batch.
     stale = [over_peers(spec, peer_predictions, (0, 0, 0))(
@@ -246,17 +282,20 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
     stale_logits = jax.lax.stop_gradient(jnp.stack(stale, axis=1))  # [K, K-1, B, classes]
 
   def peer_forward(params, batch_stats, peer_rng, peer_images):
-    (logits, features), updates = spec.student.apply(
-        _variables(student_params(spec, params, teacher_variables), batch_stats), peer_images, train=True,
-        return_features=True,
-        mutable=["batch_stats"], rngs={"dropout": peer_rng})
+    (logits, features), updates = apply_model(
+        spec.student, _variables(student_params(spec, params, teacher_variables), batch_stats), peer_images,
+        train=True, return_features=True, mutable=["batch_stats"], rngs={"dropout": peer_rng},
+        compute_dtype=spec.compute_dtype)
     return logits, features, updates.get("batch_stats", {})
 
   def loss_fn(params):
     logits, features, batch_stats = over_peers(spec, peer_forward, (0, 0, 0, stream_axis))(
         params["student"], state.batch_stats["student"], _peer_rngs(dropout_rng, k), pick(images))
     if spec.exchange == "predictions":
-      sources, source_axis = Outputs(jax.lax.stop_gradient(_others(logits, k))), 0
+      # The other peers' logits and features (feature-level online methods, e.g. AFD), as constants;
+      # XLA drops the exchange of the features no term reads.
+      others = lambda x: jax.lax.stop_gradient(_others(x, k))
+      sources, source_axis = Outputs(others(logits), jax.tree.map(others, dict(features))), 0
     elif spec.exchange == "stale":
       sources, source_axis = Outputs(stale_logits), 0
     else:
@@ -349,17 +388,23 @@ def eval_heads(model: nn.Module) -> tuple[str, ...]:
   return tuple(getattr(model, "eval_heads", ()))
 
 
-def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True):
+def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True,
+                   compute_dtype: str = "float32", heads: tuple[str, ...] | None = None):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
   peers' ensemble (mean of probabilities) "ensemble_correct", and "count". With per-position
-  labels [B, T] (sequences) every position counts as one prediction (per-token sums). A model
-  with `eval_heads` also gets "head_correct" {feature name: [K]}."""
-  heads = eval_heads(model)
+  labels [B, T] (sequences) every position counts as one prediction (per-token sums).
+  `heads`: features of the model that are predictions too [B, classes] (early exits, a group's
+  members; by default the model's `eval_heads`), each counted in "head_correct" {name: [K]}."""
+  heads = eval_heads(model) if heads is None else tuple(heads)
 
   def forward(v, images):
     if not heads:
-      return model.apply(v, images, train=False), {}
-    logits, features = model.apply(v, images, train=False, return_features=True)
+      return apply_model(model, v, images, train=False, compute_dtype=compute_dtype), {}
+    logits, features = apply_model(model, v, images, train=False, return_features=True,
+                                   compute_dtype=compute_dtype)
+    missing = [name for name in heads if name not in features]
+    if missing:
+      raise KeyError(f"eval heads {missing} are not features of the model; available features: {sorted(features)}")
     return logits, {name: features[name] for name in heads}
 
   def eval_step(variables, batch):

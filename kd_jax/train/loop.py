@@ -272,7 +272,7 @@ def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, ba
   """Test accuracy of the mean of the probabilities of this row's model and the models in `dirs`."""
   members = [variables] + [checkpoint_lib.load_model(d)[0] for d in dirs]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *members)
-  totals = evaluate(engine.make_eval_step(model, normalize, mesh), stacked, dataset, batch_size, mesh)
+  totals = evaluate(engine.make_eval_step(model, normalize, mesh, heads=()), stacked, dataset, batch_size, mesh)
   return totals["ensemble_test_accuracy"]
 
 
@@ -344,7 +344,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       optimizer=_with_frozen(optim.make_optimizer(row.optimizer, schedule), frozen),
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
       peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
-      teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1)
+      teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1,
+      compute_dtype=config.compute_dtype)
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
@@ -403,7 +404,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     log.info("row %s: resuming at step %d of %d", name, start_step, stop_step)
 
   train_step = engine.make_train_step(spec, mesh, state_sharding)
-  eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers)
+  eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers,
+                                    compute_dtype=spec.compute_dtype)
   metrics_log = _MetricsLog(os.path.join(row_dir, "metrics.jsonl"), resume_step=start_step)
   batch_sharding = engine.batch_sharding(mesh, spec)
 
