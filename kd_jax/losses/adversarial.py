@@ -41,6 +41,11 @@ def adversarial_generator_loss(fake_scores: jax.Array, *, kind: str = "lsgan") -
   Returns:
     [B] float32.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> adversarial_generator_loss(jnp.array([1.0, 0.0])).tolist()  # fooled D: 0; caught: 1
+    [0.0, 1.0]
+
   References:
     Chung, Park, Kim & Kwak 2020, "Feature-map-level Online Adversarial Knowledge Distillation", ICML.
   """
@@ -62,6 +67,11 @@ def adversarial_discriminator_loss(real_scores: jax.Array, fake_scores: jax.Arra
 
   Returns:
     [B] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> adversarial_discriminator_loss(jnp.array([[1.0]]), jnp.array([0.0])).tolist()  # a perfect D
+    [0.0]
 
   References:
     Chung, Park, Kim & Kwak 2020, "Feature-map-level Online Adversarial Knowledge Distillation", ICML;

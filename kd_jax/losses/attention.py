@@ -74,6 +74,12 @@ def attention_map_loss(student_probs: jax.Array, teacher_probs: jax.Array, *, ma
   Returns:
     [B] float32.
 
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.full((1, 1, 2, 2), 0.5)  # uniform attention, 1 head, 2 positions
+    >>> attention_map_loss(a, a).tolist()
+    [0.0]
+
   References:
     Wang, Wei, Dong, Bao, Yang & Zhou 2020, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
     Compression of Pre-Trained Transformers", NeurIPS; Jiao et al. 2020, "TinyBERT: Distilling BERT for
@@ -98,7 +104,23 @@ def attention_map_loss(student_probs: jax.Array, teacher_probs: jax.Array, *, ma
 
 
 def value_relation(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """MiniLM's value relation softmax(V Vᵀ / √d) per head: [B, H, T, d] -> [B, H, T, T] (masked keys get 0)."""
+  """MiniLM's value relation softmax(V Vᵀ / √d) per head, each row a distribution over the keys.
+
+  Args:
+    values: [B, H, T, d] float.
+    mask: None or broadcastable to [B, H, T, T]; nonzero = allowed (masked keys get 0).
+
+  Returns:
+    [B, H, T, T] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> value_relation(jnp.zeros((1, 1, 2, 4))).tolist()  # equal values: uniform relations
+    [[[[0.5, 0.5], [0.5, 0.5]]]]
+
+  References:
+    Wang, Wei, Dong, Bao, Yang & Zhou 2020, "MiniLM", NeurIPS.
+  """
   values = _checks.as_f32(values)
   scores = jnp.einsum("bhqd,bhkd->bhqk", values, values) / jnp.sqrt(values.shape[-1]).astype(jnp.float32)
   valid = _valid(mask, scores.shape)
@@ -121,6 +143,12 @@ def value_relation_loss(student_values: jax.Array, teacher_values: jax.Array, *,
 
   Returns:
     [B] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> v = jnp.ones((1, 2, 3, 4))
+    >>> value_relation_loss(v, v).tolist()  # same relations: 0
+    [0.0]
 
   References:
     Wang, Wei, Dong, Bao, Yang & Zhou 2020, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
