@@ -103,7 +103,7 @@ def attention_map_loss(student_probs: jax.Array, teacher_probs: jax.Array, *, ma
   return jnp.sum(squared, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(valid, axis=(1, 2, 3)).astype(jnp.float32), 1.0)
 
 
-def value_relation(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def value_relation(values: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
   """MiniLM's value relation softmax(V Vᵀ / √d) per head, each row a distribution over the keys.
 
   Args:
@@ -160,6 +160,6 @@ def value_relation_loss(student_values: jax.Array, teacher_values: jax.Array, *,
   if student.shape[:1] != teacher.shape[:1] or student.shape[2] != teacher.shape[2]:
     raise ValueError(f"{what}: student_values {student.shape} and teacher_values {teacher.shape} must agree in "
                      "batch and length")
-  student_relation = value_relation(student, mask)
-  teacher_relation = jax.lax.stop_gradient(value_relation(teacher, mask))
+  student_relation = value_relation(student, mask=mask)
+  teacher_relation = jax.lax.stop_gradient(value_relation(teacher, mask=mask))
   return attention_map_loss(student_relation, teacher_relation, mask=mask, kind="kl", heads=heads)
