@@ -17,7 +17,10 @@ jax.vmap and jax.grad; bad shapes raise a ValueError naming the shapes.
                 correlation_congruence_loss
   contrastive   CRDBank, crd_init_bank, crd_sample_negatives, crd_loss
   online        mutual_learning_loss, codistillation_loss, gated_ensemble_logits
+  collaborative kdcl_ensemble_logits, peer_attention_weights, peer_attention_logits, soft_kl_loss
 """
+from kd_jax.losses.collaborative import (kdcl_ensemble_logits, peer_attention_logits, peer_attention_weights,
+                                         soft_kl_loss)
 from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss, crd_sample_negatives
 from kd_jax.losses.features import (activation_boundary_loss, attention_transfer_loss, factor_transfer_loss,
                                     fsp_loss, hierarchical_context_loss, hint_loss, nst_loss, vid_loss)
@@ -35,4 +38,5 @@ __all__ = [
     "similarity_preserving_loss", "rkd_loss", "pkt_loss", "correlation_congruence_loss",
     "CRDBank", "crd_init_bank", "crd_sample_negatives", "crd_loss",
     "mutual_learning_loss", "codistillation_loss", "gated_ensemble_logits",
+    "kdcl_ensemble_logits", "peer_attention_weights", "peer_attention_logits", "soft_kl_loss",
 ]

@@ -55,7 +55,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
         init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
         weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
-        freeze: Sequence[str] = (), paper: float | str = "") -> ml_collections.ConfigDict:
+        freeze: Sequence[str] = (), eval_logits: Sequence[str] = (),
+        paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
   peers: K models trained together (online methods: DML, co-distillation), laid
@@ -71,6 +72,9 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
     only a connector: FT's paraphraser stage freezes "student"). A term's own
     frozen params (`frozen_params`, e.g. FT's paraphraser in its transfer stage)
     are frozen without being listed, and must come from init_from.
+  eval_logits: features of the model that are logits too, evaluated beside its
+    output and reported as result["feature_test_accuracy"][name] (a group model's
+    "member_<m>_logits", "fused_logits"; a one model's "branch_<m>_logits").
   ensemble_with: rows whose models are ensembled with this one at the end
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
@@ -91,6 +95,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
       "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
       "freeze": list(freeze),
+      "eval_logits": list(eval_logits),
       "paper": str(paper),  # text, so a table can mix numbers and notes
   })
 
@@ -152,6 +157,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ValueError(f"row {name!r} names itself as its teacher")
     if row_epochs(config, name) < 1:
       raise ValueError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
+    if any(not isinstance(n, str) or not n for n in r.get("eval_logits", ())):
+      raise ValueError(f"rows.{name}.eval_logits must be a list of feature names, got {list(r.eval_logits)!r}")
     for other in r.ensemble_with:
       if other not in config.rows:
         raise ValueError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")

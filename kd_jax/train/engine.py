@@ -343,25 +343,39 @@ def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
       donate_argnums=(0,))
 
 
-def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True):
+def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True,
+                   logit_features: tuple[str, ...] = ()):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
   peers' ensemble (mean of probabilities) "ensemble_correct", and "count". With per-position
-  labels [B, T] (sequences) every position counts as one prediction (per-token sums)."""
+  labels [B, T] (sequences) every position counts as one prediction (per-token sums).
+  `logit_features`: features of the model that are logits too (a group's members, ONE's
+  ensemble), each counted in "feature_correct" {name: [K]}."""
+
+  def apply(v, images):
+    if not logit_features:
+      return model.apply(v, images, train=False), {}
+    logits, features = model.apply(v, images, train=False, return_features=True)
+    missing = [n for n in logit_features if n not in features]
+    if missing:
+      raise KeyError(f"eval_logits: the model has no feature(s) {missing}; available features: {sorted(features)}")
+    return logits, {n: features[n] for n in logit_features}
 
   def eval_step(variables, batch):
     images = normalize(model_inputs(batch["image"]))
     # [K, B, classes]; as in training, peers sharing devices run one after another.
     peers = jax.tree.leaves(variables)[0].shape[0]
-    logits = map_peers(lambda v: model.apply(v, images, train=False), (variables,), (0,), peers=peers,
-                       sequential=sequential)
+    logits, extra = map_peers(lambda v: apply(v, images), (variables,), (0,), peers=peers, sequential=sequential)
     mask = batch["mask"].astype(jnp.float32)
     mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (batch["label"].ndim - 1)), batch["label"].shape)
     hits = lambda l: (jnp.argmax(l, -1) == batch["label"]).astype(jnp.float32)
     masked_sum = jax.vmap(lambda per_example: jnp.sum(per_example * mask))  # over peers
     ce = jax.vmap(lambda l: losses.cross_entropy(l, batch["label"]))(logits)
     ensemble = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), -1), axis=0)
-    return {"correct": masked_sum(jax.vmap(hits)(logits)), "loss": masked_sum(ce),
+    sums = {"correct": masked_sum(jax.vmap(hits)(logits)), "loss": masked_sum(ce),
             "ensemble_correct": jnp.sum(hits(ensemble) * mask), "count": jnp.sum(mask)}
+    if extra:
+      sums["feature_correct"] = {n: masked_sum(jax.vmap(hits)(z)) for n, z in extra.items()}
+    return sums
 
   # Variables keep the sharding they were trained with (peers split over "replica").
   return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),

@@ -134,6 +134,9 @@ def evaluate(eval_step, variables, dataset, batch_size: int, mesh) -> dict[str, 
   if correct.size > 1:
     result["peer_test_accuracy"] = [int(c) / count for c in correct]
     result["ensemble_test_accuracy"] = float(totals["ensemble_correct"]) / count
+  if "feature_correct" in totals:  # the row's eval_logits (mean over peers)
+    result["feature_test_accuracy"] = {n: float(np.rint(c).mean()) / count
+                                       for n, c in totals["feature_correct"].items()}
   return result
 
 
@@ -363,7 +366,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
     log.info("row %s: resuming at step %d of %d", name, start_step, stop_step)
 
   train_step = engine.make_train_step(spec, mesh, state_sharding)
-  eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers)
+  eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers,
+                                    logit_features=tuple(row.get("eval_logits", ())))
   metrics_log = _MetricsLog(os.path.join(row_dir, "metrics.jsonl"), resume_step=start_step)
   batch_sharding = engine.batch_sharding(mesh, spec)
 
