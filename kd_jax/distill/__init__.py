@@ -169,3 +169,4 @@ from kd_jax.distill import contrastive as _contrastive  # noqa: E402,F401
 from kd_jax.distill import one as _one  # noqa: E402,F401
 from kd_jax.distill import adversarial as _adversarial  # noqa: E402,F401
 from kd_jax.distill import attention as _attention  # noqa: E402,F401
+from kd_jax.distill import collaborative as _collaborative  # noqa: E402,F401

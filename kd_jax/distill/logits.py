@@ -29,16 +29,27 @@ def over_positions(loss_fn, student_logits: jax.Array, teacher_logits: jax.Array
 
 @register_term("ce")
 class CrossEntropy(Term):
-  """Cross-entropy with the true labels (optionally label-smoothed); per-position labels: mean over positions."""
+  """Cross-entropy with the true labels (optionally label-smoothed); per-position labels: mean over positions.
 
-  def __init__(self, label_smoothing: float = 0.0):
+  group="<prefix>": the sum of the cross-entropies of a model's members' logits
+  `<prefix>_<m>_logits` (a `group` model's `member`s, a `one` model's `branch`es).
+  """
+
+  def __init__(self, label_smoothing: float = 0.0, group: str = ""):
     self.label_smoothing = label_smoothing
+    self.group = group
+
+  def _ce(self, logits, labels):
+    if self.label_smoothing:
+      return per_example(losses.cross_entropy(logits, labels, label_smoothing=self.label_smoothing))
+    return per_example(losses.cross_entropy(logits, labels))
 
   def __call__(self, student, teacher, batch, params, state, *, step):
-    if self.label_smoothing:
-      return per_example(losses.cross_entropy(student.logits, batch["label"],
-                                              label_smoothing=self.label_smoothing)), state
-    return per_example(losses.cross_entropy(student.logits, batch["label"])), state
+    if self.group:
+      from kd_jax.distill.online import group_logits  # local: online imports this module's family
+
+      return sum(self._ce(z, batch["label"]) for z in group_logits(student, self.group, at_least=1)), state
+    return self._ce(student.logits, batch["label"]), state
 
 
 class _TemperatureTerm(Term):

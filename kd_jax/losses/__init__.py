@@ -21,9 +21,12 @@ jax.vmap and jax.grad; bad shapes raise a ValueError naming the shapes.
                 sla_single_logits
   adversarial   adversarial_generator_loss, adversarial_discriminator_loss (AFD)
   attention     attention_map_loss, value_relation, value_relation_loss (MiniLM, TinyBERT)
+  collaborative kdcl_ensemble_logits, peer_attention_weights, peer_attention_logits, soft_kl_loss
 """
 from kd_jax.losses.adversarial import adversarial_discriminator_loss, adversarial_generator_loss
 from kd_jax.losses.attention import attention_map_loss, value_relation, value_relation_loss
+from kd_jax.losses.collaborative import (kdcl_ensemble_logits, peer_attention_logits, peer_attention_weights,
+                                         soft_kl_loss)
 from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss, crd_sample_negatives
 from kd_jax.losses.features import (activation_boundary_loss, attention_transfer_loss, factor_transfer_loss,
                                     fsp_loss, hierarchical_context_loss, hint_loss, nst_loss, vid_loss)
@@ -46,4 +49,5 @@ __all__ = [
     "multi_exit_kd_loss", "sla_loss", "sla_joint_labels", "sla_aggregated_logits", "sla_single_logits",
     "adversarial_generator_loss", "adversarial_discriminator_loss",
     "attention_map_loss", "value_relation", "value_relation_loss",
+    "kdcl_ensemble_logits", "peer_attention_weights", "peer_attention_logits", "soft_kl_loss",
 ]

@@ -95,5 +95,6 @@ from kd_jax.models import transformer  # noqa: E402,F401
 from kd_jax.models import exits  # noqa: E402,F401  (early exits on any zoo model)
 from kd_jax.models import one  # noqa: E402,F401  (ONE's multi-branch version of a zoo model)
 from kd_jax.models import sla  # noqa: E402,F401  (SLA's joint (class, rotation) classifier on a zoo model)
+from kd_jax.models import group  # noqa: E402,F401  (different zoo models trained side by side)
 # Feature capture for modules outside the zoo.
 from kd_jax.models.features import WithFeatures, capture, feature_shapes, module_paths  # noqa: E402,F401

@@ -13,8 +13,11 @@ the ensemble Σ_m softmax(gate)_m · z_m (`losses.gated_ensemble_logits`):
     the last stage, the pooling and the classifier (ResNet-32/110 in the paper).
 
 Features: the trunk's own features (`stage1`, ..., as the base names them),
-branch 0's (`stageN`, `pre_logits`), `branch_<m>_logits` [B, K] for every branch,
-`gate_logits` [B, m] (before the softmax) and `ensemble_logits` [B, K].
+branch 0's (`stageN`, `pre_logits`), `branch_<m>_logits` [B, K] and
+`branch_<m>_pre_logits` [B, D] for every branch, `gate_logits` [B, m] (before
+the softmax) and `ensemble_logits` [B, K]. With `gate=False` (a plain
+multi-branch network, as OKDDip's) there is no gate, and `ensemble_logits` is
+the mean of the branches' logits.
 
 The model's logits are branch 0's by default (`output="branch_0"`): a single
 branch is the target network, of the base model's size and cost, which the
@@ -98,7 +101,7 @@ class _ResNetPart(nn.Module):
       for j in range(n):
         block = net["block"](planes, stride=(1 if s == 1 else 2) if j == 0 else 1,
                              shortcut_name=net["shortcut_name"], zero_init_residual=net["zero_init_residual"],
-                             name=f"layer{s}_{j}")
+                             conv_kind=net["conv_kind"], conv_groups=net["conv_groups"], name=f"layer{s}_{j}")
         x, preact = block(x, train)
       feats[f"stage{s}"] = x
       feats[f"stage{s}_preact"] = preact
@@ -116,22 +119,32 @@ class OnTheFlyNativeEnsemble(nn.Module):
   branch: nn.Module  # a template, cloned once per branch as `branch_<m>`
   branches: int
   output: str = "branch_0"
+  gate: bool = True
+
+  @property
+  def eval_heads(self) -> tuple[str, ...]:
+    """The ensemble's logits, evaluated besides the model's output (branch 0, ONE's reported network)."""
+    return ("ensemble_logits",)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, return_features: bool = False):
     shared, features = self.trunk(x, train)
-    pooled = shared.reshape((shared.shape[0], -1)) if shared.ndim == 2 else global_avg_pool(shared)
-    gate = nn.Dense(self.branches, name="gate_fc")(pooled)
-    gate = nn.relu(batch_norm(train, name="gate_bn")(gate))
     branch_logits = []
     for m in range(self.branches):
       logits, branch_features = self.branch.clone(name=f"branch_{m}", parent=self)(shared, train)
       branch_logits.append(logits)
       features[f"branch_{m}_logits"] = logits
+      features[f"branch_{m}_pre_logits"] = branch_features["pre_logits"]
       if m == 0:
         features.update(branch_features)
-    ensemble = losses.gated_ensemble_logits(jnp.stack(branch_logits), gate)
-    features["gate_logits"] = gate
+    if self.gate:
+      pooled = shared.reshape((shared.shape[0], -1)) if shared.ndim == 2 else global_avg_pool(shared)
+      gate = nn.Dense(self.branches, name="gate_fc")(pooled)
+      gate = nn.relu(batch_norm(train, name="gate_bn")(gate))
+      ensemble = losses.gated_ensemble_logits(jnp.stack(branch_logits), gate)
+      features["gate_logits"] = gate
+    else:  # no gate (OKDDip's branches): the plain mean of the branches' logits
+      ensemble = jnp.mean(jnp.stack(branch_logits).astype(jnp.float32), axis=0)
     features["ensemble_logits"] = ensemble
     logits = ensemble if self.output == "ensemble" else branch_logits[0]
     return (logits, features) if return_features else logits
@@ -154,7 +167,8 @@ def _split(base: nn.Module, num_classes: int, shared_layers: int | None):
     if shared_layers not in (None, stages - 1):
       raise ValueError(f"one: a ResNet branches at its last stage (shared_layers={stages - 1}), got {shared_layers}")
     net = tuple((f, getattr(base, f)) for f in ("num_classes", "block", "blocks_per_stage", "widths", "stem_width",
-                                                "imagenet_stem", "shortcut_name", "head_name", "zero_init_residual"))
+                                                "imagenet_stem", "shortcut_name", "head_name", "zero_init_residual",
+                                                "conv_kind", "conv_groups"))
     return _ResNetPart(net, 1, stages - 1), _ResNetPart(net, stages, stages)
   raise ValueError(f"one: cannot split a {type(base).__name__} into trunk and branches; supported bases are the "
                    "zoo's MLPs (mlp, mlp_800, mlp_1200) and ResNets (resnet8..110, resnet8x4, resnet32x4, ...)")
@@ -162,12 +176,13 @@ def _split(base: nn.Module, num_classes: int, shared_layers: int | None):
 
 @register("one", input_shape=None)
 def one(*, num_classes: int, base: str, branches: int = 3, shared_layers: int | None = None,
-        output: str = "branch_0", base_kwargs: Mapping[str, Any] | None = None) -> OnTheFlyNativeEnsemble:
-  """ONE's multi-branch version of the zoo model `base` (3 branches as in the paper)."""
+        output: str = "branch_0", base_kwargs: Mapping[str, Any] | None = None,
+        gate: bool = True) -> OnTheFlyNativeEnsemble:
+  """ONE's multi-branch version of the zoo model `base` (3 branches as in the paper); gate=False: no gate."""
   if not isinstance(branches, int) or branches < 2:
     raise ValueError(f"one: branches must be an int >= 2 (an ensemble needs two members), got {branches!r}")
   if output not in OUTPUTS:
     raise ValueError(f"one: output must be one of {OUTPUTS}, got {output!r}")
   trunk, branch = _split(create(base, num_classes=num_classes, **dict(base_kwargs or {})), num_classes,
                          shared_layers)
-  return OnTheFlyNativeEnsemble(trunk, branch, branches, output)
+  return OnTheFlyNativeEnsemble(trunk, branch, branches, output, bool(gate))

@@ -30,6 +30,17 @@ pre_logits                 [B,64 (256)]           [B,2048]                [B,512
 
 (`stem` is the first conv-BN-ReLU; for ImageNet it is taken before the max pool.
 These are RepDistiller's `feat[0..N]` in order.)
+
+Cheap convolutions (Xie, Lin, Zhang & Luo 2019, "Training convolutional neural
+networks with cheap convolutions and online distillation"): `conv_kind` swaps
+every 3x3 conv of the blocks (the stem and the 1x1 convs stay) for
+  * "group": a grouped 3x3 conv with `conv_groups` groups (1/g of the weights);
+  * "depthwise": a depthwise 3x3 conv (one filter per input channel, with the
+    stride) then a pointwise 1x1 conv to the output channels (`<name>/depthwise`,
+    `<name>/pointwise`);
+  * "full" (default): the standard conv.
+
+  model = kd_jax.models.create("resnet8", num_classes=10, conv_kind="depthwise")
 """
 from __future__ import annotations
 
@@ -41,6 +52,36 @@ import jax
 from kd_jax.models import register
 from kd_jax.models.layers import batch_norm, conv, global_avg_pool, max_pool, output, torch_linear
 
+CONV_KINDS = ("full", "group", "depthwise")
+
+
+class DepthwiseSeparable(nn.Module):
+  """A depthwise k x k conv (groups = input channels, with the stride), then a pointwise 1x1 conv."""
+
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    x = conv(channels, self.kernel_size, stride=self.stride, padding=self.padding, groups=channels,
+             name="depthwise")(x)
+    return conv(self.features, 1, name="pointwise")(x)
+
+
+def block_conv(kind: str, groups: int, features: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
+               name: str):
+  """A block's k x k conv of the given kind ("full", "group", "depthwise"); 1x1 convs stay full."""
+  if kernel_size == 1 or kind == "full":
+    return conv(features, kernel_size, stride=stride, padding=padding, name=name)
+  if kind == "group":
+    return conv(features, kernel_size, stride=stride, padding=padding, groups=groups, name=name)
+  if kind == "depthwise":
+    return DepthwiseSeparable(features, kernel_size, stride, padding, name=name)
+  raise ValueError(f"conv_kind must be one of {CONV_KINDS}, got {kind!r}")
+
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs with a residual connection. Returns (relu(sum), sum)."""
@@ -49,13 +90,16 @@ class BasicBlock(nn.Module):
   stride: int = 1
   shortcut_name: str = "downsample"  # RepDistiller/torchvision: downsample; resnetv2: shortcut
   zero_init_residual: bool = False
+  conv_kind: str = "full"
+  conv_groups: int = 1
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    out = conv(self.planes, 3, stride=self.stride, padding=1, name="conv1")(x)
+    kind = (self.conv_kind, self.conv_groups)
+    out = block_conv(*kind, self.planes, 3, stride=self.stride, padding=1, name="conv1")(x)
     out = nn.relu(batch_norm(train, name="bn1")(out))
-    out = conv(self.planes, 3, padding=1, name="conv2")(out)
+    out = block_conv(*kind, self.planes, 3, padding=1, name="conv2")(out)
     out = batch_norm(train, name="bn2", zero_init=self.zero_init_residual)(out)
     preact = out + _shortcut(self, x, self.planes * self.expansion, train)
     return nn.relu(preact), preact
@@ -68,13 +112,16 @@ class Bottleneck(nn.Module):
   stride: int = 1
   shortcut_name: str = "downsample"
   zero_init_residual: bool = False
+  conv_kind: str = "full"
+  conv_groups: int = 1
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     out = conv(self.planes, 1, name="conv1")(x)
     out = nn.relu(batch_norm(train, name="bn1")(out))
-    out = conv(self.planes, 3, stride=self.stride, padding=1, name="conv2")(out)
+    out = block_conv(self.conv_kind, self.conv_groups, self.planes, 3, stride=self.stride, padding=1,
+                     name="conv2")(out)
     out = nn.relu(batch_norm(train, name="bn2")(out))
     out = conv(self.planes * self.expansion, 1, name="conv3")(out)
     out = batch_norm(train, name="bn3", zero_init=self.zero_init_residual)(out)
@@ -103,6 +150,8 @@ class ResNet(nn.Module):
     imagenet_stem: 7x7/2 conv + 3x3/2 max pool (torchvision) instead of a 3x3/1 conv.
     shortcut_name / head_name: parameter names, as in the reference's state dict.
     zero_init_residual: zero-initialise the last BN of each block (torchvision option).
+    conv_kind / conv_groups: the blocks' 3x3 convs, "full", "group" (conv_groups
+      groups) or "depthwise" (depthwise + pointwise); see the module docstring.
   """
 
   num_classes: int
@@ -114,6 +163,12 @@ class ResNet(nn.Module):
   shortcut_name: str = "downsample"
   head_name: str = "fc"
   zero_init_residual: bool = False
+  conv_kind: str = "full"
+  conv_groups: int = 1
+
+  def __post_init__(self):
+    check_conv_kind(self.conv_kind, self.conv_groups, self.stem_width, self.widths)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
@@ -136,6 +191,8 @@ class ResNet(nn.Module):
             stride=(1 if s == 1 else 2) if j == 0 else 1,
             shortcut_name=self.shortcut_name,
             zero_init_residual=self.zero_init_residual,
+            conv_kind=self.conv_kind,
+            conv_groups=self.conv_groups,
             name=f"layer{s}_{j}",
         )
         x, preact = block(x, train)
@@ -145,6 +202,21 @@ class ResNet(nn.Module):
     feats["pre_logits"] = x
     logits = torch_linear(self.num_classes, x.shape[-1], name=self.head_name)(x)
     return output(logits, feats, return_features)
+
+
+def check_conv_kind(kind: str, groups: int, stem_width: int, widths) -> None:
+  """A clear error for a conv kind the ResNet cannot take (unknown, or groups not dividing the channels)."""
+  if kind not in CONV_KINDS:
+    raise ValueError(f"resnet: conv_kind must be one of {CONV_KINDS}, got {kind!r}")
+  if not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"resnet: conv_groups must be a positive int, got {groups!r}")
+  if kind == "group":
+    channels = [stem_width, *widths]
+    if groups < 2 or any(c % groups for c in channels):
+      raise ValueError(f"resnet: conv_kind='group' needs conv_groups >= 2 dividing every block's channels "
+                       f"{channels}, got conv_groups={groups}")
+  elif groups != 1:
+    raise ValueError(f"resnet: conv_groups={groups} is for conv_kind='group', not {kind!r}")
 
 
 def _cifar_resnet(depth: int, filters: Sequence[int], num_classes: int, **kwargs) -> ResNet:
