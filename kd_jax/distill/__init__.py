@@ -167,3 +167,4 @@ from kd_jax.distill import online as _online  # noqa: E402,F401
 from kd_jax.distill import self_distillation as _self_distillation  # noqa: E402,F401
 from kd_jax.distill import contrastive as _contrastive  # noqa: E402,F401
 from kd_jax.distill import one as _one  # noqa: E402,F401
+from kd_jax.distill import students as _students  # noqa: E402,F401

@@ -29,16 +29,24 @@ def over_positions(loss_fn, student_logits: jax.Array, teacher_logits: jax.Array
 
 @register_term("ce")
 class CrossEntropy(Term):
-  """Cross-entropy with the true labels (optionally label-smoothed); per-position labels: mean over positions."""
+  """Cross-entropy with the true labels (optionally label-smoothed); per-position labels: mean over positions.
+
+  A semi-supervised row (`labelled_examples` with unlabelled="keep") gives each batch a mask
+  "labelled" [B]: the labels of the other examples are never used, and the term is the
+  mean over the batch's labelled examples (`losses.labelled_mean_weights`).
+  """
 
   def __init__(self, label_smoothing: float = 0.0):
     self.label_smoothing = label_smoothing
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     if self.label_smoothing:
-      return per_example(losses.cross_entropy(student.logits, batch["label"],
-                                              label_smoothing=self.label_smoothing)), state
-    return per_example(losses.cross_entropy(student.logits, batch["label"])), state
+      values = per_example(losses.cross_entropy(student.logits, batch["label"], label_smoothing=self.label_smoothing))
+    else:
+      values = per_example(losses.cross_entropy(student.logits, batch["label"]))
+    if "labelled" in batch:
+      values = values * losses.labelled_mean_weights(batch["labelled"])
+    return values, state
 
 
 class _TemperatureTerm(Term):
