@@ -441,10 +441,20 @@ def labelled_mean_weights(labelled: jax.Array) -> jax.Array:
   w_i = m_i · B / max(Σ_j m_j, 1) for a mask m [B] (1: labelled); mean(w · loss) is then
   Σ_i m_i loss_i / Σ_i m_i, and 0 for a batch without labelled examples.
 
+  Args:
+    labelled: [B] float or bool mask, 1 on the labelled examples.
+
+  Returns:
+    [B] float32 weights.
+
   Example:
     >>> import jax.numpy as jnp
     >>> labelled_mean_weights(jnp.array([1.0, 0.0, 1.0, 0.0])).tolist()
     [2.0, 0.0, 2.0, 0.0]
+
+  References:
+    Xie, Luong, Hovy & Le 2020, "Self-training with Noisy Student improves ImageNet classification", CVPR
+    (the labelled examples' cross-entropy next to the pseudo-labelled ones').
   """
   _checks.rank(labelled, (1,), what="labelled_mean_weights", name="labelled [B]")
   m = _f32(labelled)
