@@ -29,7 +29,8 @@ import numpy as np
 if TYPE_CHECKING:
   from kd_jax.data.imagenet import ImageNetSource
 
-__all__ = ["Dataset", "load", "names", "register", "batch_indices", "steps_per_epoch", "data_dir"]
+__all__ = ["Dataset", "load", "names", "register", "batch_indices", "steps_per_epoch", "data_dir",
+           "labelled_subset", "train_subset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,3 +204,24 @@ def _epoch_order(num_examples: int, seed: int, epoch: int, stream: int) -> np.nd
   order = np.random.default_rng(key).permutation(num_examples)
   order.flags.writeable = False
   return order
+
+
+def labelled_subset(num_examples: int, count: int, *, seed: int) -> np.ndarray:
+  """The training examples treated as labelled in a semi-supervised row: sorted int64 [count].
+
+  The first `count` of a permutation drawn from (seed, "labelled"), so every row of a
+  table (the teacher trained on them, the students that see the rest unlabelled)
+  agrees on the same subset.
+  """
+  if not 0 < count <= num_examples:
+    raise ValueError(f"labelled_examples must lie in [1, {num_examples}] (the training-set size), got {count}")
+  order = np.random.default_rng([seed, 0x1abe1]).permutation(num_examples)
+  return np.sort(order[:count])
+
+
+def train_subset(dataset: Dataset, indices: np.ndarray) -> Dataset:
+  """`dataset` whose training split is only the examples `indices` (test split unchanged)."""
+  if not isinstance(dataset, Dataset):
+    raise ValueError(f"a training subset needs an in-memory dataset; {dataset.name!r} is streamed")
+  return dataclasses.replace(dataset, train_images=dataset.train_images[indices],
+                             train_labels=dataset.train_labels[indices])

@@ -170,3 +170,4 @@ from kd_jax.distill import one as _one  # noqa: E402,F401
 from kd_jax.distill import adversarial as _adversarial  # noqa: E402,F401
 from kd_jax.distill import attention as _attention  # noqa: E402,F401
 from kd_jax.distill import collaborative as _collaborative  # noqa: E402,F401
+from kd_jax.distill import students as _students  # noqa: E402,F401

@@ -31,6 +31,10 @@ def over_positions(loss_fn, student_logits: jax.Array, teacher_logits: jax.Array
 class CrossEntropy(Term):
   """Cross-entropy with the true labels (optionally label-smoothed); per-position labels: mean over positions.
 
+  A semi-supervised row (`labelled_examples` with unlabelled="keep") gives each batch a mask
+  "labelled" [B]: the labels of the other examples are never used, and the term is the
+  mean over the batch's labelled examples (`losses.labelled_mean_weights`).
+
   group="<prefix>": the sum of the cross-entropies of a model's members' logits
   `<prefix>_<m>_logits` (a `group` model's `member`s, a `one` model's `branch`es).
   """
@@ -48,8 +52,12 @@ class CrossEntropy(Term):
     if self.group:
       from kd_jax.distill.online import group_logits  # local: online imports this module's family
 
-      return sum(self._ce(z, batch["label"]) for z in group_logits(student, self.group, at_least=1)), state
-    return self._ce(student.logits, batch["label"]), state
+      values = sum(self._ce(z, batch["label"]) for z in group_logits(student, self.group, at_least=1))
+    else:
+      values = self._ce(student.logits, batch["label"])
+    if "labelled" in batch:
+      values = values * losses.labelled_mean_weights(batch["labelled"])
+    return values, state
 
 
 class _TemperatureTerm(Term):

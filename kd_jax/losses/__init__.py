@@ -9,7 +9,8 @@ otherwise. Hyper-parameters are keyword-only. All are safe under jax.jit,
 jax.vmap and jax.grad; bad shapes raise a ValueError naming the shapes.
 
   logits        cross_entropy, kd_loss, logit_mse_loss, dkd_loss, dist_loss,
-                teacher_free_kd_loss, virtual_teacher_logits, class_wise_kd_loss
+                teacher_free_kd_loss, virtual_teacher_logits, class_wise_kd_loss,
+                residual_error_loss, pseudo_label_loss, labelled_mean_weights
   features      hint_loss, attention_transfer_loss, fsp_loss, nst_loss,
                 factor_transfer_loss, activation_boundary_loss, vid_loss,
                 hierarchical_context_loss
@@ -30,7 +31,8 @@ from kd_jax.losses.collaborative import (kdcl_ensemble_logits, peer_attention_lo
 from kd_jax.losses.contrastive import CRDBank, crd_init_bank, crd_loss, crd_sample_negatives
 from kd_jax.losses.features import (activation_boundary_loss, attention_transfer_loss, factor_transfer_loss,
                                     fsp_loss, hierarchical_context_loss, hint_loss, nst_loss, vid_loss)
-from kd_jax.losses.logits import (class_wise_kd_loss, cross_entropy, dist_loss, dkd_loss, kd_loss, logit_mse_loss,
+from kd_jax.losses.logits import (class_wise_kd_loss, cross_entropy, dist_loss, dkd_loss, kd_loss,
+                                  labelled_mean_weights, logit_mse_loss, pseudo_label_loss, residual_error_loss,
                                   teacher_free_kd_loss, virtual_teacher_logits)
 from kd_jax.losses.online import codistillation_loss, gated_ensemble_logits, mutual_learning_loss
 from kd_jax.losses.self_distillation import (multi_exit_kd_loss, sla_aggregated_logits, sla_joint_labels,
@@ -40,7 +42,8 @@ from kd_jax.losses.relations import (correlation_congruence_loss, pkt_loss, rkd_
 
 __all__ = [
     "cross_entropy", "kd_loss", "logit_mse_loss", "dkd_loss", "dist_loss", "teacher_free_kd_loss",
-    "virtual_teacher_logits", "class_wise_kd_loss",
+    "virtual_teacher_logits", "class_wise_kd_loss", "residual_error_loss", "pseudo_label_loss",
+    "labelled_mean_weights",
     "hint_loss", "attention_transfer_loss", "fsp_loss", "nst_loss", "factor_transfer_loss",
     "activation_boundary_loss", "vid_loss", "hierarchical_context_loss",
     "similarity_preserving_loss", "rkd_loss", "pkt_loss", "correlation_congruence_loss",

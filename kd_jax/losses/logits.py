@@ -360,3 +360,102 @@ def class_wise_kd_loss(logits: jax.Array, partner_logits: jax.Array, *, temperat
   _checks.floating(logits, what="class_wise_kd_loss", name="logits")
   _checks.floating(partner_logits, what="class_wise_kd_loss", name="partner_logits")
   return _kd(logits, partner_logits, temperature)
+
+
+@jax.jit
+def _residual_error(a, t, s):
+  return jnp.mean(jnp.square(_f32(a) - _const(_f32(t) - _f32(s))), axis=-1)
+
+
+def residual_error_loss(assistant_logits: jax.Array, teacher_logits: jax.Array,
+                        student_logits: jax.Array) -> jax.Array:
+  """Residual-error regression: mean over classes of (a − sg(z_t − z_s))², per example.
+
+  The assistant learns what the student still misses of the teacher, so that
+  student + assistant approximates the teacher. The target z_t − z_s is a
+  constant: no gradient reaches the student (or the teacher) through this loss.
+
+  Args:
+    assistant_logits: [B, K] float (the assistant's output a).
+    teacher_logits: [B, K] float z_t.
+    student_logits: [B, K] float z_s.
+
+  Returns:
+    [B] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(residual_error_loss(jnp.array([[1.0, 0.0]]), jnp.array([[3.0, 1.0]]), jnp.array([[1.0, 1.0]]))[0])
+    0.5
+
+  References:
+    Gao, Wang, Wu & Zhou 2020, "Residual Error Based Knowledge Distillation", Neurocomputing.
+  """
+  _logit_pair(assistant_logits, teacher_logits, "residual_error_loss")
+  _checks.same_shape(student_logits, teacher_logits, what="residual_error_loss")
+  _checks.floating(student_logits, what="residual_error_loss", name="student_logits")
+  return _residual_error(assistant_logits, teacher_logits, student_logits)
+
+
+@jax.jit
+def _soft_pseudo_label(s, t, temperature):
+  target = jax.nn.softmax(_const(t) / temperature, axis=-1)
+  return -jnp.sum(target * jax.nn.log_softmax(_f32(s), axis=-1), axis=-1)
+
+
+def pseudo_label_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, hard: bool = False,
+                      temperature: float = 1.0) -> jax.Array:
+  """Self-training on a teacher's pseudo-labels: cross-entropy of the student with the teacher's prediction.
+
+  Soft: −Σ_k softmax(z_t / T)_k · log softmax(z_s)_k (the student at temperature 1);
+  hard: −log softmax(z_s)[argmax z_t]. Noisy Student found soft and hard
+  pseudo-labels about equally good on ImageNet (soft better out of domain).
+
+  Args:
+    student_logits: [B, K] float.
+    teacher_logits: [B, K] float, a constant.
+    hard: the teacher's argmax as a one-hot label instead of its distribution.
+    temperature: T > 0 of the teacher's distribution (soft only).
+
+  Returns:
+    [B] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(pseudo_label_loss(jnp.zeros((1, 4)), jnp.array([[0.0, 9.0, 0.0, 0.0]]), hard=True)[0]), 4)
+    1.3863
+
+  References:
+    Xie, Luong, Hovy & Le 2020, "Self-training with Noisy Student improves ImageNet classification", CVPR.
+  """
+  _logit_pair(student_logits, teacher_logits, "pseudo_label_loss")
+  if hard:
+    return _nll(student_logits, jnp.argmax(_const(teacher_logits), axis=-1))
+  _checks.positive(temperature, name="pseudo_label_loss: temperature")
+  return _soft_pseudo_label(student_logits, teacher_logits, temperature)
+
+
+def labelled_mean_weights(labelled: jax.Array) -> jax.Array:
+  """Per-example weights [B] that turn a batch mean into the mean over the labelled examples.
+
+  w_i = m_i · B / max(Σ_j m_j, 1) for a mask m [B] (1: labelled); mean(w · loss) is then
+  Σ_i m_i loss_i / Σ_i m_i, and 0 for a batch without labelled examples.
+
+  Args:
+    labelled: [B] float or bool mask, 1 on the labelled examples.
+
+  Returns:
+    [B] float32 weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> labelled_mean_weights(jnp.array([1.0, 0.0, 1.0, 0.0])).tolist()
+    [2.0, 0.0, 2.0, 0.0]
+
+  References:
+    Xie, Luong, Hovy & Le 2020, "Self-training with Noisy Student improves ImageNet classification", CVPR
+    (the labelled examples' cross-entropy next to the pseudo-labelled ones').
+  """
+  _checks.rank(labelled, (1,), what="labelled_mean_weights", name="labelled [B]")
+  m = _f32(labelled)
+  return m * m.shape[0] / jnp.maximum(jnp.sum(m), 1.0)

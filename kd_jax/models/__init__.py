@@ -98,3 +98,6 @@ from kd_jax.models import sla  # noqa: E402,F401  (SLA's joint (class, rotation)
 from kd_jax.models import group  # noqa: E402,F401  (different zoo models trained side by side)
 # Feature capture for modules outside the zoo.
 from kd_jax.models.features import WithFeatures, capture, feature_shapes, module_paths  # noqa: E402,F401
+from kd_jax.models import quantized  # noqa: E402,F401  (quantized distillation's k-bit version of a zoo model)
+from kd_jax.models import residual  # noqa: E402,F401  (a student with a residual-error assistant)
+from kd_jax.models import blockwise  # noqa: E402,F401  (progressive blockwise KD's hybrid MLPs)

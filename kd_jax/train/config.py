@@ -57,7 +57,9 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
         init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
         weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
-        freeze: Sequence[str] = (), data_start_epoch: int = 0, paper: float | str = "") -> ml_collections.ConfigDict:
+        freeze: Sequence[str] = (), data_start_epoch: int = 0, init_partial: bool = False,
+        labelled_examples: int = 0, unlabelled: str = "keep",
+        paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
   peers: K models trained together (online methods: DML, co-distillation), laid
@@ -69,10 +71,21 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
     the loss terms' params (and connector state) saved with it are restored too
     where this row has a term param of the same name and shape (FT's paraphraser).
   freeze: params the optimizer leaves unchanged (no update, no weight decay):
-    "student", "terms", or "terms/<term>[/<param>...]" (a stage row that trains
-    only a connector: FT's paraphraser stage freezes "student"). A term's own
+    "student", "student/<module>[/...]" (part of the model: the teacher's blocks
+    of a progressive-blockwise hybrid), "terms", or "terms/<term>[/<param>...]"
+    (a stage row that trains only a connector: FT's paraphraser stage freezes
+    "student"). A term's own
     frozen params (`frozen_params`, e.g. FT's paraphraser in its transfer stage)
     are frozen without being listed, and must come from init_from.
+  init_partial: init_from may hold another model: each of this row's model params
+    (and BatchNorm statistics) with the same path and shape there is taken from it,
+    the others keep their fresh init (a progressive-blockwise stage starts from the
+    teacher's or the previous stage's blocks; a residual assistant joins a trained student).
+  labelled_examples: N > 0 makes only a fixed subset of N training examples labelled
+    (a pure function of config.seed, `kd_jax.data.labelled_subset`); with
+    unlabelled="drop" the row trains on those N examples only, with "keep" on all
+    examples, each batch carrying a float mask "labelled" [B] that the "ce" term
+    applies (semi-supervised rows: Noisy Student's CE on labelled, pseudo-labels on all).
   ensemble_with: rows whose models are ensembled with this one at the end
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
@@ -95,7 +108,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
       "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
       "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
-      "freeze": list(freeze), "data_start_epoch": data_start_epoch,
+      "freeze": list(freeze), "data_start_epoch": data_start_epoch, "init_partial": bool(init_partial),
+      "labelled_examples": int(labelled_examples), "unlabelled": unlabelled,
       "paper": str(paper),  # text, so a table can mix numbers and notes
   })
 
@@ -151,10 +165,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ValueError(f"rows.{name}.terms: {e}") from e
     for path in r.get("freeze", ()):
       parts = str(path).split("/")
-      if parts[0] not in ("student", "terms") or (parts[0] == "student" and len(parts) > 1) or (
-          len(parts) > 1 and parts[1] not in terms):
-        raise ValueError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', 'terms' or "
-                         f"'terms/<term>[/...]' with a term of the row ({sorted(terms)})")
+      if parts[0] not in ("student", "terms") or (parts[0] == "terms" and len(parts) > 1 and parts[1] not in terms):
+        raise ValueError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', "
+                         f"'student/<module>[/...]', 'terms' or 'terms/<term>[/...]' with a term of the row "
+                         f"({sorted(terms)})")
+    if r.get("labelled_examples", 0) < 0:
+      raise ValueError(f"rows.{name}.labelled_examples must be >= 0 (0: every example labelled), got "
+                       f"{r.labelled_examples}")
+    if r.get("unlabelled", "keep") not in ("keep", "drop"):
+      raise ValueError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
+                       f"or 'drop' (train on the labelled ones only), got {r.unlabelled!r}")
+    if r.get("init_partial", False) and not r.init_from:
+      raise ValueError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
     start = r.get("data_start_epoch", 0)
     if not isinstance(start, int) or start < 0:
       raise ValueError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
@@ -210,9 +232,12 @@ def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, A
   out = {key: _get(config, key) for key in _RUN_KEYS}
   out["epochs"] = row_epochs(config, row_name)
   out.update({f"rows.{row_name}.{key}": _get(config.rows[row_name], key) for key in _ROW_KEYS})
-  for key in ("freeze", "data_start_epoch"):  # only when set, so older checkpoints still resume
+  # Only when set, so older checkpoints still resume.
+  for key in ("freeze", "data_start_epoch", "init_partial", "labelled_examples"):
     if config.rows[row_name].get(key):
       out[f"rows.{row_name}.{key}"] = _get(config.rows[row_name], key)
+  if config.rows[row_name].get("labelled_examples"):
+    out[f"rows.{row_name}.unlabelled"] = _get(config.rows[row_name], "unlabelled")
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint
 
 

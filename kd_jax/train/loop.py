@@ -224,6 +224,50 @@ def _load_init(directory: str, row, name: str):
   return variables
 
 
+def _labelled_split(row, dataset, *, seed: int):
+  """(the row's training data, labelled mask [N] float32 or None) for `row.labelled_examples`:
+  the labelled subset alone (unlabelled="drop"), or all examples with the mask ("keep")."""
+  count = row.get("labelled_examples", 0)
+  if not count:
+    return dataset, None
+  labelled = data_lib.labelled_subset(dataset.num_train, count, seed=seed)
+  if row.unlabelled == "drop":
+    return data_lib.train_subset(dataset, labelled), None
+  mask = np.zeros(dataset.num_train, np.float32)
+  mask[labelled] = 1.0
+  return dataset, mask
+
+
+def _load_partial_init(directory: str, current: dict[str, Any], *, peers: int, name: str) -> dict[str, Any]:
+  """init_partial: the fresh {"params", "batch_stats"} (peer-stacked [K, ...]) with every leaf that `directory`'s
+  model has at the same path and shape; the others keep their fresh init."""
+  saved, description = checkpoint_lib.load_model(directory)
+  out, restored = {}, []
+  for collection in ("params", "batch_stats"):
+    out[collection], got = _restore_terms(saved.get(collection, {}), current[collection], peers=peers,
+                                          what=f"model {collection}", row_name=name)
+    restored += got
+  if not restored:
+    raise ValueError(f"row {name!r}: init_partial found no param of the same path and shape in init_from "
+                     f"{directory} (a {description['model']} {description['model_kwargs']})")
+  fresh = [path for path, _ in jax.tree_util.tree_flatten_with_path(current["params"])[0]
+           if "/".join(str(getattr(k, "key", k)) for k in path) not in restored]
+  log.info("row %s: init_partial from %s: %d leaves restored (%s), %d fresh", name, directory, len(restored),
+           ", ".join(restored), len(fresh))
+  return out
+
+
+def _check_frozen_model_paths(frozen: list[tuple[str, ...]], student_params: Any, *, name: str) -> None:
+  """Each frozen "student/<module>[/...]" path names params of the row's model."""
+  paths = [tuple(str(getattr(k, "key", k)) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(student_params)[0]]
+  for f in frozen:
+    if f[0] == "student" and len(f) > 1 and not any(p[:len(f) - 1] == f[1:] for p in paths):
+      modules = sorted({p[0] for p in paths})
+      raise ValueError(f"row {name!r}: freeze {'/'.join(f)!r} names no params of the model; its top-level "
+                       f"modules are {modules}")
+
+
 def _frozen_paths(row, objective: Objective) -> list[tuple[str, ...]]:
   """Param paths the optimizer leaves alone: the row's `freeze` and the terms' own `frozen_params`."""
   paths = [tuple(str(p).split("/")) for p in row.get("freeze", ())]
@@ -259,7 +303,7 @@ def _restore_terms(saved: dict[str, Any], current: Any, *, peers: int, what: str
       return leaf
     value = np.asarray(flat_saved[key])
     if value.shape != tuple(leaf.shape[1:]):
-      log.warning("row %s: init_from's term %s %s has shape %s, this row's %s: not restored", row_name, what,
+      log.warning("row %s: init_from's %s %s has shape %s, this row's %s: not restored", row_name, what,
                   "/".join(key), value.shape, tuple(leaf.shape[1:]))
       return leaf
     restored.append("/".join(key))
@@ -299,6 +343,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       return json.load(f)
 
   batch_size = config.data.batch_size
+  dataset, labelled_mask = _labelled_split(row, dataset, seed=config.seed)
   mesh_lib.check_batch_size(batch_size, mesh.shape["data"], what="data.batch_size", axis="data")
   mesh_lib.check_batch_size(config.data.eval_batch_size, mesh.devices.size, what="data.eval_batch_size")
   if row.peers % mesh.shape["replica"]:
@@ -361,6 +406,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sharding)
 
+  _check_frozen_model_paths(frozen, abstract_state.params["student"], name=name)
   fingerprint = config_lib.fingerprint(config, name)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(row_dir, "checkpoints"), keep=config.keep_checkpoints)
   restored = checkpointer.restore_latest(abstract_state)
@@ -369,17 +415,23 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
         spec, rng, teacher_variables, example)
     restored_terms = []
     if init_dir:
-      start = _load_init(init_dir, row, name)
       peers = lambda tree: jax.tree.map(lambda x: np.broadcast_to(x, (row.peers,) + x.shape), tree)
+      if row.get("init_partial", False):
+        start = _load_partial_init(init_dir, _fetch({"params": state.params["student"],
+                                                     "batch_stats": state.batch_stats["student"]}, mesh),
+                                   peers=row.peers, name=name)
+        peers = lambda tree: tree  # already one entry per peer
+      else:
+        start = _load_init(init_dir, row, name)
       saved_terms = checkpoint_lib.load_terms(init_dir)
       # Connector state only: memory banks (row-sharded) start afresh and never leave the devices.
       connector_state = {k: v for k, v in state.method_state.items()
                          if not spec.objective.terms[k].shard_state_rows}
       current = _fetch({"params": state.params["terms"], "state": connector_state}, mesh)
       term_params, restored_terms = _restore_terms(saved_terms.get("params", {}), current["params"],
-                                                   peers=row.peers, what="param", row_name=name)
+                                                   peers=row.peers, what="term param", row_name=name)
       term_state, _ = _restore_terms(saved_terms.get("state", {}), current["state"], peers=row.peers,
-                                     what="state", row_name=name)
+                                     what="term state", row_name=name)
       if restored_terms:
         log.info("row %s: term params restored from %s: %s", name, init_dir, ", ".join(restored_terms))
       params = {**state.params, "student": peers(start["params"]), "terms": term_params}
@@ -442,7 +494,8 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   local = mesh_lib.local_block(batch_sharding, (spec.streams, batch_size))
   data_offset = row.get("data_start_epoch", 0) * steps_per_epoch  # a stage that continues a run's data order
   batches = prefetch((_train_batch(dataset, batch_size, seed=config.seed, step=data_offset + step,
-                                   streams=spec.streams, block=local) for step in range(start_step, stop_step)), 2)
+                                   streams=spec.streams, block=local, labelled=labelled_mask)
+                      for step in range(start_step, stop_step)), 2)
   t0 = time.time()
   pending: list = []
   bar = tqdm.tqdm(total=stop_step, initial=start_step, desc=name, unit="step", dynamic_ncols=True, leave=False,
@@ -510,10 +563,14 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
 
 
 def _train_batch(dataset, batch_size: int, *, seed: int, step: int, streams: int = 1,
-                 block: tuple[slice, slice] = (slice(None), slice(None))) -> dict[str, np.ndarray]:
-  """This process's block of the global batch {"image": [S, B, ...], "label": [S, B], "index": [S, B]}."""
+                 block: tuple[slice, slice] = (slice(None), slice(None)),
+                 labelled: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """This process's block of the global batch {"image": [S, B, ...], "label": [S, B], "index": [S, B]}
+  (and "labelled": float32 [S, B], 1 on labelled examples, when `labelled` [N] is given)."""
   stream_range = range(streams)[block[0]]
   parts = [dataset.train_batch(seed, step, batch_size, rows=block[1], stream=s) for s in stream_range]
+  if labelled is not None:
+    parts = [{**p, "labelled": labelled[p["index"]]} for p in parts]
   return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 
