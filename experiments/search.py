@@ -51,14 +51,19 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "A search config file (experiments/configs/*_search.py).",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "Directory of the candidates' runs, the front and the plot.")
-flags.DEFINE_integer("candidates", 0, "Number of architectures to try (> 0 overrides config.search.candidates).")
-flags.DEFINE_string("strategy", "", "'random' or 'evolution' (overrides config.search.strategy).")
-flags.DEFINE_integer("seed", None, "Seed of the proposals and of every run (overrides config.seed).")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """The CLI's flags, defined only when run as a script: importing this module next to
+  experiments.reproduce (which has its own --config) must not redefine them."""
+  config_flags.DEFINE_config_file("config", None, "A search config file (experiments/configs/*_search.py).",
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", None, "Directory of the candidates' runs, the front and the plot.")
+  flags.DEFINE_integer("candidates", 0, "Number of architectures to try (> 0 overrides config.search.candidates).")
+  flags.DEFINE_string("strategy", "", "'random' or 'evolution' (overrides config.search.strategy).")
+  flags.DEFINE_integer("seed", None, "Seed of the proposals and of every run (overrides config.seed).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 STRATEGIES = ("random", "evolution")
 Arch = tuple[int, ...]
@@ -354,4 +359,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
