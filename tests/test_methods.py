@@ -149,6 +149,7 @@ def test_cifar_resnets_train_under_every_method(tmp_path):
     assert np.isfinite(result["test_loss"]), name
 
 
+@pytest.mark.slow  # ~60 s of compiles; the pair's rows are traced by test_configs_smoke, 8-device steps below
 def test_resnet32x4_to_resnet8x4_kd_step_on_eight_devices(tmp_path):
   config = cifar_table()
   from experiments.configs import select_rows

@@ -13,7 +13,10 @@ from tests.configs import tiny_crd, tiny_digits, tiny_online
 from tests.processes import REPO, launch, read_jsonl
 
 
-@pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online", "tiny_crd"])
+# CRD's bank split over 2 processes is `slow` (~40 s): the default run keeps KD and DML, and CRD's bank rows
+# over "data" on one process of 8 devices are in test_methods.
+@pytest.mark.parametrize("config_name", ["tiny_digits", "tiny_online",
+                                         pytest.param("tiny_crd", marks=pytest.mark.slow)])
 def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path):
   """KD, DML (2 peers on the replica axis) and CRD (bank rows over "data"): 2 x 4 devices == 1 x 8."""
   workdir = str(tmp_path)
