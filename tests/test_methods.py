@@ -1,5 +1,4 @@
 """Every method term through the one engine: digits MLP tables and CIFAR-shaped ResNets."""
-import copy
 import json
 import os
 
@@ -7,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from kd_jax import data, distill, train
+from kd_jax import data, train
 from kd_jax.train import checkpoint
 from experiments.configs import mnist_methods
 
