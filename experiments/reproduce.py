@@ -60,7 +60,10 @@ def versus_paper(config, r: dict) -> str:
     return "–"
   mean, std = r["errors"] if config.paper_metric == "test_errors" else r["accuracy"]
   gap = mean - paper
-  flag = " (more than 2 std)" if abs(gap) > 2 * std else ""
+  if r["seeds"] < 2:
+    flag = " (1 seed: no spread to judge it by)" if gap else ""
+  else:
+    flag = " (more than 2 std)" if abs(gap) > 2 * std else ""
   return f"{gap:+.2f}{flag}"
 
 

@@ -27,3 +27,12 @@ def test_reproduce_writes_table_and_plot_and_resumes(tmp_path):
   again = reproduce.reproduce(config, str(tmp_path), seeds=2)
   assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
   assert stamps == {p: os.path.getmtime(p) for p in tmp_path.glob("seed_*/*/result.json")}
+
+
+def test_one_seed_is_not_called_a_significant_gap():
+  row = {"paper": "146", "seeds": 1, "errors": (141.0, 0.0), "accuracy": (98.59, 0.0)}
+  config = tiny_digits.get_config()
+  config.paper_metric = "test_errors"
+  assert reproduce.versus_paper(config, row) == "-5.00 (1 seed: no spread to judge it by)"
+  assert reproduce.versus_paper(config, {**row, "seeds": 3, "errors": (141.0, 1.0)}) == "-5.00 (more than 2 std)"
+  assert reproduce.versus_paper(config, {**row, "seeds": 3, "errors": (141.0, 3.0)}) == "-5.00"
