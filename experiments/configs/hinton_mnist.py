@@ -16,18 +16,13 @@ cosine decay to 0), batch 128. The student rows see unjittered inputs.
   # one row (its teacher row is trained first, or reused from the workdir):
   python -m experiments.main --config=experiments/configs/hinton_mnist.py:student_kd --workdir=/tmp/hinton
 """
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 
 def get_config(rows: str = ""):
-  c = base_config()
+  c = mnist_table()
   epochs = 60
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
-  c.paper_metric = "test_errors"
   adam = {"name": "adam", "learning_rate": 1e-3}
   decay = {"name": "cosine"}
   c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, optimizer=adam, schedule=decay,

@@ -20,17 +20,12 @@ as DML's (96.5%). Measured (tests/test_afd.py, slow): afd after 2 epochs 97.50% 
   python -m experiments.main --config=experiments/configs/mnist_afd.py --workdir=/tmp/mnist_afd
   python -m experiments.reproduce --config=experiments/configs/mnist_afd.py --seeds=3 --workdir=/tmp/mnist_afd
 """
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
-  c.paper_metric = "test_errors"
+  c = mnist_table()
   common = dict(model="mlp_800", optimizer={"name": "adam", "learning_rate": 1e-3}, schedule={"name": "cosine"},
                 epochs=60, peers=2, exchange="predictions")
   dml = {"ce": {}, "dml": {"temperature": 1.0}}

@@ -23,7 +23,8 @@ resnet8 (16-16-32-64) at 28x28x1, SGD with momentum, 20 epochs. Rows:
   python -m experiments.main --config=experiments/configs/mnist_collaborative.py:cheap_dml,cnn_depthwise \
       --workdir=/tmp/mnist_collab
 """
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 MLP = {"model": "mlp_800"}
 CNN_FULL = {"model": "resnet8"}
@@ -31,13 +32,7 @@ CNN_CHEAP = {"model": "resnet8", "conv_kind": "depthwise"}
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
-  c.paper_metric = "test_errors"
+  c = mnist_table()
   adam = dict(optimizer={"name": "adam", "learning_rate": 1e-3}, schedule={"name": "cosine"}, epochs=60)
   sgd = dict(optimizer={"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
              schedule={"name": "cosine"}, epochs=20)

@@ -28,17 +28,12 @@ max-norm) and recipe (Adam 1e-3, cosine decay, batch 128). Rows:
   python -m experiments.reproduce --config=experiments/configs/mnist_methods.py --seeds=3 --workdir=/tmp/mnist_methods
   python -m experiments.main --config=experiments/configs/mnist_methods.py:dml --workdir=/tmp/mnist_methods
 """
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
-  c.paper_metric = "test_errors"
+  c = mnist_table()
   epochs = 60
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine"}

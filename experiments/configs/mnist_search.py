@@ -20,16 +20,12 @@ w800x400 97.04% (2 epochs each); stopped after 1 epoch: w50 89.49%, w800 95.50%.
 """
 import ml_collections
 
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 
 def get_config():
-  c = base_config()
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
+  c = mnist_table(paper_metric="test_accuracy")
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine"}
   c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, optimizer=adam, schedule=cosine, augment="jitter",

@@ -30,7 +30,8 @@ batch 128, 60 epochs, no augmentation; experiments/configs/mnist_methods.py). Ro
 """
 from typing import Any, Mapping
 
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 
 def snapshot_rows(c, *, prefix: str = "snapshot", cycles: int, epochs_per_cycle: int,
@@ -53,12 +54,7 @@ def snapshot_rows(c, *, prefix: str = "snapshot", cycles: int, epochs_per_cycle:
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
+  c = mnist_table(paper_metric="test_accuracy")
   epochs = 60
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine"}

@@ -25,19 +25,14 @@ the KD loss (0.1 CE + 0.9 KD at T=20). Rows:
   python -m experiments.main --config=experiments/configs/mnist_students.py:kd_q2,kd_q4,kd_q8 --workdir=/tmp/mnist_students
   python -m experiments.reproduce --config=experiments/configs/mnist_students.py --seeds=3 --workdir=/tmp/mnist_students
 """
-from kd_jax.train import base_config, row
+from experiments.configs import mnist_table
+from kd_jax.train import row
 
 LABELLED = 1000  # Noisy Student's labelled examples (of MNIST's 60000)
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "mnist"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
-  c.paper_metric = "test_errors"
+  c = mnist_table()
   epochs = 60
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine"}
