@@ -1,20 +1,24 @@
 """Table configs: one file per paper table, each row a named variant of get_config()."""
 
 
-def mnist_table(*, paper_metric: str = "test_errors"):
-  """`base_config()` with the settings every MNIST table shares: batch 128 (Hinton et al.'s
-  recipe as the tables use it), evaluation in batches of 1000, logging every 100 steps, a
-  checkpoint every 2000, and the paper's figures as test errors."""
+def table(data_name: str, *, log_every_steps: int = 100, paper_metric: str = "test_accuracy"):
+  """`base_config()` with the settings the small-data tables share: batch 128, evaluation in
+  batches of 1000, a checkpoint every 2000 steps."""
   from kd_jax.train import base_config
 
   c = base_config()
-  c.data.name = "mnist"
+  c.data.name = data_name
   c.data.batch_size = 128
   c.data.eval_batch_size = 1000
-  c.log_every_steps = 100
+  c.log_every_steps = log_every_steps
   c.checkpoint_every_steps = 2000
   c.paper_metric = paper_metric
   return c
+
+
+def mnist_table(*, paper_metric: str = "test_errors"):
+  """The MNIST tables' `table`: Hinton et al.'s batch of 128, the paper's figures as test errors."""
+  return table("mnist", paper_metric=paper_metric)
 
 
 def select_rows(config, rows: str) -> None:

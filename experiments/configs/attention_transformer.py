@@ -20,16 +20,12 @@ accuracy): teacher 99.94%, kd 96.48%, attention 99.90%.
   python -m experiments.reproduce --config=experiments/configs/attention_transformer.py --seeds=2 \
       --workdir=/tmp/attention
 """
-from kd_jax.train import base_config, row
+from experiments.configs import table
+from kd_jax.train import row
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "reverse"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 2000
+  c = table("reverse", log_every_steps=50)
   teacher_epochs, student_epochs = 2, 2
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine", "warmup_epochs": 0.5}

@@ -22,16 +22,12 @@ weight distillation 100% / 100% (phase 1 alone 99.996% / 100%); the teacher 99.9
   python -m experiments.main --config=experiments/configs/wd_transformer.py --workdir=/tmp/wd_transformer
   python -m experiments.reproduce --config=experiments/configs/wd_transformer.py --seeds=2 --workdir=/tmp/wd_transformer
 """
-from kd_jax.train import base_config, row
+from experiments.configs import table
+from kd_jax.train import row
 
 
 def get_config(rows: str = ""):
-  c = base_config()
-  c.data.name = "reverse"
-  c.data.batch_size = 128
-  c.data.eval_batch_size = 1000
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 2000
+  c = table("reverse", log_every_steps=50)
   teacher_epochs, phase1_epochs, phase2_epochs = 2, 1, 1
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine", "warmup_epochs": 0.5}
