@@ -127,6 +127,21 @@ def test_resume_with_a_changed_config_is_refused(reference_run, tmp_path, monkey
     train.run(config, str(tmp_path))
 
 
+def test_finished_row_with_a_changed_config_is_not_silently_reused(reference_run, tmp_path):
+  workdir, results = reference_run
+  os.makedirs(tmp_path / "teacher")
+  with open(os.path.join(workdir, "teacher", "result.json")) as f:
+    saved = json.load(f)
+  (tmp_path / "teacher" / "result.json").write_text(json.dumps(saved))
+  config = tiny_config(epochs=3)  # the finished teacher trained 2 epochs
+  select_rows(config, "teacher")
+  with pytest.raises(ValueError, match=r"row 'teacher': the finished .*result.json was made with a different "
+                                       r"config \(epochs: 2 -> 3\)"):
+    train.run(config, str(tmp_path))
+  config.allow_config_change = True  # the user vouches for it: the finished result is reused as is
+  assert train.run(config, str(tmp_path))["teacher"]["test_accuracy"] == results["teacher"]["test_accuracy"]
+
+
 def test_unknown_model_lists_the_known_ones(tmp_path):
   config = tiny_config()
   config.rows.teacher.model = "mlp_12000"

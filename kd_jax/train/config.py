@@ -241,7 +241,10 @@ def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, A
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint
 
 
-def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow: bool, row: str) -> None:
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow: bool, row: str,
+                 made: str = "the checkpoint was made") -> None:
+  """Raises (or, with `allow`, warns) when a resumed or skipped row's `saved` fingerprint differs from
+  the `current` config's, naming each differing setting."""
   differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if not differing:
     return
@@ -250,5 +253,5 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow:
     log.warning("row %s: resuming with a changed config (%s)", row, detail)
     return
   raise ValueError(
-      f"row {row!r}: the checkpoint was made with a different config ({detail}). Resuming would mix two "
+      f"row {row!r}: {made} with a different config ({detail}). Resuming or reusing it would mix two "
       "runs; use a new workdir, or set --config.allow_config_change=True if the change is safe.")

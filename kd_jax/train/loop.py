@@ -338,9 +338,15 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   row_dir = os.path.join(workdir, name)
   os.makedirs(row_dir, exist_ok=True)
   result_path = os.path.join(row_dir, "result.json")
-  if os.path.exists(result_path):
+  if os.path.exists(result_path):  # finished: skipped, unless its config was another one
     with open(result_path) as f:
-      return json.load(f)
+      done = json.load(f)
+    if "fingerprint" in done:
+      config_lib.check_resume(done["fingerprint"], config_lib.fingerprint(config, name),
+                              allow=config.allow_config_change, row=name, made=f"the finished {result_path} was made")
+    else:
+      log.warning("row %s: %s has no config fingerprint (an older run); reusing it unchecked", name, result_path)
+    return done
 
   batch_size = config.data.batch_size
   dataset, labelled_mask = _labelled_split(row, dataset, seed=config.seed)
@@ -557,6 +563,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       "num_params": int(sum(np.size(x) for x in jax.tree.leaves(student_variables(state)["params"]))) // row.peers,
       "wall_time_s": round(elapsed + time.time() - t0, 2), "history": history,
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "fingerprint": fingerprint,
   }
   _write_json(result_path, result)
   return result
