@@ -230,6 +230,20 @@ def test_sla_refuses_inputs_that_a_rotation_would_reshape(sla_model):
     models.create("sla", num_classes=10, base="mlp", output="joint")
 
 
+def test_sla_without_sd_head_has_no_sd_params_or_head(sla_model):
+  model, variables, images = sla_model
+  plain = models.create("sla", num_classes=10, base="mlp", base_kwargs={"widths": [32]}, output="aggregated",
+                        sd_head=False)
+  plain_variables = plain.init(jax.random.PRNGKey(1), images)
+  assert set(variables["params"]) - set(plain_variables["params"]) == {"sd_head"}
+  assert plain.eval_heads == ("aggregated_logits", "single_logits")
+  logits, features = plain.apply(plain_variables, images, return_features=True)
+  assert "sd_logits" not in features
+  np.testing.assert_allclose(logits, features["aggregated_logits"], rtol=1e-6)
+  with pytest.raises(ValueError, match='output="sd" needs the SD head'):
+    models.create("sla", num_classes=10, base="mlp", sd_head=False)
+
+
 # --- snapshot distillation ------------------------------------------------------------------------------------
 
 def test_snapshot_rows_chain_the_cycles():

@@ -78,8 +78,8 @@ def get_config(rows: str = ""):
   c.rows.multi_exit_deeper = row(**exits, epochs=epochs, **common, terms={
       "ce": {}, "multi_exit": {"stages": stages, "alpha": 0.5, "temperature": 1.0, "teachers": "deeper"}})
 
-  c.rows.sla = row(model="sla", model_kwargs={"base": "mlp_800", "output": "aggregated"}, epochs=epochs,
-                   terms={"sla": {"self_distillation": False}}, **common)
+  c.rows.sla = row(model="sla", model_kwargs={"base": "mlp_800", "output": "aggregated", "sd_head": False},
+                   epochs=epochs, terms={"sla": {"self_distillation": False}}, **common)
   c.rows.sla_sd = row(model="sla", model_kwargs={"base": "mlp_800", "output": "sd"}, epochs=epochs,
                       terms={"sla": {"self_distillation": True}}, **common)
   if rows:

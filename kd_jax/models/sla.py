@@ -17,7 +17,8 @@ Features (besides the base's own, on the unrotated input):
                                   input (SLA+SD), which the `sla` term trains to match the aggregate
 
 The model's logits are `output`'s: "sd" (default: one forward pass at test),
-"aggregated" (M passes) or "single". The parameters do not depend on `output`.
+"aggregated" (M passes) or "single". The parameters do not depend on `output`;
+`sd_head=False` (SLA without SD) has no SD head.
 The evaluation reports each of the three as `test_accuracy/<name>` (`eval_heads`).
 
   model = kd_jax.models.create("sla", num_classes=10, base="mlp_800")
@@ -45,17 +46,18 @@ class SelfSupervisedLabelAugmentation(nn.Module):
   num_classes: int
   rotations: int = 4
   output: str = "sd"
+  sd_head: bool = True  # False: SLA alone (no self-distilled head to train or to report)
 
   @property
   def eval_heads(self) -> tuple[str, ...]:
-    return ("aggregated_logits", "single_logits", "sd_logits")
+    return ("aggregated_logits", "single_logits") + (("sd_logits",) if self.sd_head else ())
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, return_features: bool = False):
     if x.ndim != 4 or x.shape[1] != x.shape[2]:
       raise ValueError(f"sla: rotations need square images [B, H, W, C] with H == W, got inputs of shape {x.shape}")
     b = x.shape[0]
-    sd_head = nn.Dense(self.num_classes, name="sd_head")
+    sd_head = nn.Dense(self.num_classes, name="sd_head") if self.sd_head else None
     need_rotations = train or return_features or self.output != "sd"
     if not need_rotations:  # inference of the SD head alone: the unrotated input only
       _, features = self.base(x, train=train, return_features=True)
@@ -74,17 +76,22 @@ class SelfSupervisedLabelAugmentation(nn.Module):
     joint = jnp.transpose(joint, (1, 0, 2))  # [B, M, K·M]
     features["joint_logits"] = joint
     features["aggregated_logits"] = losses.sla_aggregated_logits(joint)
-    features["sd_logits"] = sd_head(features["pre_logits"])
+    if sd_head is not None:
+      features["sd_logits"] = sd_head(features["pre_logits"])
     logits = features[f"{self.output}_logits"]
     return (logits, features) if return_features else logits
 
 
 @register("sla", input_shape=None)
-def sla(*, num_classes: int, base: str, output: str = "sd",
+def sla(*, num_classes: int, base: str, output: str = "sd", sd_head: bool = True,
         base_kwargs: Mapping[str, Any] | None = None) -> SelfSupervisedLabelAugmentation:
-  """SLA's joint (class, rotation) classifier on the zoo model `base` (see the module docstring)."""
+  """SLA's joint (class, rotation) classifier on the zoo model `base` (see the module docstring);
+  `sd_head=False` leaves out SLA+SD's head (then `output` is "aggregated" or "single")."""
   if output not in OUTPUTS:
     raise ValueError(f"sla: output must be one of {OUTPUTS}, got {output!r}")
+  if output == "sd" and not sd_head:
+    raise ValueError('sla: output="sd" needs the SD head; with sd_head=False use output="aggregated" or "single"')
   rotations = 4
   return SelfSupervisedLabelAugmentation(create(base, num_classes=num_classes * rotations,
-                                                **dict(base_kwargs or {})), num_classes, rotations, output)
+                                                **dict(base_kwargs or {})), num_classes, rotations, output,
+                                         bool(sd_head))
