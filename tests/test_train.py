@@ -214,6 +214,32 @@ def test_teacher_cache_with_random_augmentation_is_refused(tmp_path):
     train.run(config, str(tmp_path))
 
 
+def test_clean_teacher_input_sees_the_unaugmented_batch(reference_run, tmp_path):
+  """teacher_input='clean' (Noisy Student): the student trains on jittered images while the teacher reads the
+  un-augmented ones, so its cached logits give the same run as its forward pass; 'augmented' differs."""
+  workdir, _ = reference_run
+  kd_losses = {}
+  for name, teacher_input, cache in [("direct", "clean", False), ("cached", "clean", True),
+                                     ("augmented", "augmented", False)]:
+    config = tiny_config()
+    config.max_steps = 10
+    config.rows.student_kd.update(augment="jitter", teacher_input=teacher_input, cache_teacher=cache)
+    os.makedirs(tmp_path / name)
+    os.symlink(os.path.join(workdir, "teacher"), str(tmp_path / name / "teacher"))
+    train.run(config, str(tmp_path / name))
+    kd_losses[name] = [m["loss/kd"] for m in read_metrics(str(tmp_path / name), "student_kd")]
+  assert len(kd_losses["direct"]) == 2
+  np.testing.assert_allclose(kd_losses["cached"], kd_losses["direct"], rtol=1e-5)
+  assert not np.allclose(kd_losses["augmented"], kd_losses["direct"], rtol=1e-3)
+
+
+def test_unknown_teacher_input_is_named(tmp_path):
+  config = tiny_config()
+  config.rows.student_kd.teacher_input = "noisy"
+  with pytest.raises(ValueError, match=r"rows.student_kd.teacher_input must be 'augmented' .* got 'noisy'"):
+    train.run(config, str(tmp_path))
+
+
 def test_bfloat16_compute_keeps_float32_params_and_learns(reference_run, tmp_path):
   workdir, _ = reference_run
   config = tiny_config()

@@ -20,7 +20,8 @@ the KD loss (0.1 CE + 0.9 KD at T=20). Rows:
                             labelled examples only (the other 59000 are unlabelled)
   ns_student1, ns_student2  an equal-size student with noise (dropout 50%/20%, jitter) trained on all
                             60000 examples: CE on the labelled 1000, soft pseudo-labels of the previous
-                            model on all; generation 2 is taught by generation 1
+                            model on all; generation 2 is taught by generation 1. The teacher is not
+                            noised: it labels the clean images (`teacher_input="clean"`, cached)
 
   python -m experiments.main --config=experiments/configs/mnist_students.py:kd_q2,kd_q4,kd_q8 --workdir=/tmp/mnist_students
   python -m experiments.reproduce --config=experiments/configs/mnist_students.py --seeds=3 --workdir=/tmp/mnist_students
@@ -76,10 +77,11 @@ def get_config(rows: str = ""):
   # Noisy Student: a teacher on the labelled part, then noised students on labelled + pseudo-labelled data.
   c.rows.ns_teacher = row(terms={"ce": {}}, labelled_examples=LABELLED, unlabelled="drop", **hinton_teacher,
                           optimizer=adam, schedule=cosine, epochs=epochs * 5)
-  noisy = {"ce": {}, "pseudo_label": {"hard": False, "temperature": 1.0}}
-  c.rows.ns_student1 = row(teacher="ns_teacher", terms=noisy, labelled_examples=LABELLED, **hinton_teacher, **common)
-  c.rows.ns_student2 = row(teacher="ns_student1", terms=noisy, labelled_examples=LABELLED, **hinton_teacher,
-                           **common)
+  # The students are noised (dropout, jitter); their teacher labels the clean images (Xie et al. 2020), once.
+  noisy = dict(terms={"ce": {}, "pseudo_label": {"hard": False, "temperature": 1.0}}, labelled_examples=LABELLED,
+               teacher_input="clean", cache_teacher=True, **hinton_teacher, **common)
+  c.rows.ns_student1 = row(teacher="ns_teacher", **noisy)
+  c.rows.ns_student2 = row(teacher="ns_student1", **noisy)
   if rows:
     from experiments.configs import select_rows
     select_rows(c, rows)

@@ -58,7 +58,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
         init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
         weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
         freeze: Sequence[str] = (), data_start_epoch: int = 0, init_partial: bool = False,
-        labelled_examples: int = 0, unlabelled: str = "keep",
+        labelled_examples: int = 0, unlabelled: str = "keep", teacher_input: str = "augmented",
         paper: float | str = "") -> ml_collections.ConfigDict:
   """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
 
@@ -89,7 +89,10 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
   ensemble_with: rows whose models are ensembled with this one at the end
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
-    them each step (logit methods on un-augmented inputs only).
+    them each step (logit methods whose teacher sees un-augmented inputs).
+  teacher_input: what the teacher sees: "augmented" (the student's own augmented
+    view, as KD needs) or "clean" (the un-augmented image, while the student sees the
+    augmented one: Noisy Student's un-noised teacher; such a teacher can be cached).
   data_start_epoch: the row's batches are those of epochs data_start_epoch, data_start_epoch + 1, ... of
     the data order (a stage recipe that continues one run: snapshot distillation's cycle k starts at the
     epoch where cycle k-1 stopped, rather than repeat its batches).
@@ -110,6 +113,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
       "freeze": list(freeze), "data_start_epoch": data_start_epoch, "init_partial": bool(init_partial),
       "labelled_examples": int(labelled_examples), "unlabelled": unlabelled,
+      "teacher_input": teacher_input,
       "paper": str(paper),  # text, so a table can mix numbers and notes
   })
 
@@ -175,6 +179,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if r.get("unlabelled", "keep") not in ("keep", "drop"):
       raise ValueError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
                        f"or 'drop' (train on the labelled ones only), got {r.unlabelled!r}")
+    if r.get("teacher_input", "augmented") not in ("augmented", "clean"):
+      raise ValueError(f"rows.{name}.teacher_input must be 'augmented' (the student's view) or 'clean' (the "
+                       f"un-augmented image), got {r.teacher_input!r}")
     if r.get("init_partial", False) and not r.init_from:
       raise ValueError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
     start = r.get("data_start_epoch", 0)
@@ -236,6 +243,8 @@ def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, A
   for key in ("freeze", "data_start_epoch", "init_partial", "labelled_examples"):
     if config.rows[row_name].get(key):
       out[f"rows.{row_name}.{key}"] = _get(config.rows[row_name], key)
+  if config.rows[row_name].get("teacher_input", "augmented") != "augmented":
+    out[f"rows.{row_name}.teacher_input"] = config.rows[row_name].teacher_input
   if config.rows[row_name].get("labelled_examples"):
     out[f"rows.{row_name}.unlabelled"] = _get(config.rows[row_name], "unlabelled")
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint

@@ -33,6 +33,7 @@ from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
 
 EXCHANGES = ("none", "predictions", "stale")
+TEACHER_INPUTS = ("augmented", "clean")
 # Mixed precision: params are kept (and updated) in float32, the models run in the compute dtype.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -73,6 +74,8 @@ class StepSpec:
   normalize: Callable[[jax.Array], jax.Array]
   teacher: nn.Module | None = None
   augment: str = "none"
+  # "augmented": the teacher sees the student's augmented inputs; "clean": the un-augmented ones.
+  teacher_input: str = "augmented"
   max_norm: float = 0.0
   peers: int = 1
   exchange: str = "none"
@@ -109,9 +112,11 @@ class StepSpec:
     if self.generator is not None and (self.teacher is None or self.peers > 1 or self.teacher_cache):
       raise ValueError("a weight generator needs a teacher (its weights are the generator's input), "
                        "a single peer and no teacher cache")
-    if self.teacher_cache and self.augment != "none":
+    if self.teacher_input not in TEACHER_INPUTS:
+      raise ValueError(f"unknown teacher_input {self.teacher_input!r}; known: {TEACHER_INPUTS}")
+    if self.teacher_cache and self.augment != "none" and self.teacher_input != "clean":
       raise ValueError(f"a teacher cache needs un-augmented inputs, but augment={self.augment!r}: the teacher "
-                       "must see each step's random augmentation")
+                       "must see each step's random augmentation (or set teacher_input='clean')")
 
   @property
   def streams(self) -> int:
@@ -264,10 +269,12 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
   images = jax.vmap(lambda r, x: augment_lib.augment(r, model_inputs(x), kind=spec.augment))(
       _peer_rngs(augment_rng, spec.streams), batch["image"])
   images = jax.vmap(spec.normalize)(images)
+  teacher_images = images if spec.teacher_input == "augmented" else jax.vmap(spec.normalize)(
+      jax.vmap(model_inputs)(batch["image"]))
   # Per-peer inputs: the shared stream broadcast to every peer, or each peer's own stream.
   stream_axis = 0 if spec.streams > 1 else None
   pick = lambda x: x if spec.streams > 1 else x[0]
-  teacher = teacher_outputs(spec, teacher_variables, pick(images), pick(batch["index"]))
+  teacher = teacher_outputs(spec, teacher_variables, pick(teacher_images), pick(batch["index"]))
 
   if spec.exchange == "stale":
     def peer_predictions(params, batch_stats, peer_images):

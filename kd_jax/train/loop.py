@@ -394,7 +394,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       student=student, objective=objective,
       optimizer=_with_frozen(optim.make_optimizer(row.optimizer, schedule), frozen),
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
-      peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
+      teacher_input=row.teacher_input, peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
       teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1,
       compute_dtype=config.compute_dtype)
 
