@@ -94,6 +94,16 @@ def test_parameter_counts_match_the_reference_implementations():
   assert got == PARAM_COUNTS
 
 
+def test_crd_table_names_each_students_classifier():
+  """The AB / FSP init stages freeze the student's classifier by name: it must be the module of the logits."""
+  from experiments.configs import crd_cifar100
+
+  for student in sorted({s for _, s in crd_cifar100.PAIRS}):
+    params = abstract(student)[1]["params"]
+    heads = [k for k, v in params.items() if "kernel" in v and v["kernel"].shape[-1] == num_classes(student)]
+    assert heads == [crd_cifar100.classifier(student)], (student, heads)
+
+
 def test_batch_norm_statistics_live_in_batch_stats():
   _, variables = abstract("resnet8")
   assert set(variables) == {"params", "batch_stats"}

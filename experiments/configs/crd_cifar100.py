@@ -132,6 +132,15 @@ def _recipe(student: str, epochs: int = 240):
   return dict(optimizer=sgd, schedule=steps, epochs=epochs, augment="crop_flip")
 
 
+# Each student's classifier (its top-level param module), frozen in the AB and FSP init stages: RepDistiller's
+# init stage optimises only the student's feature layers (`get_feat_modules()`), not its classifier.
+CLASSIFIER = {"vgg8": "classifier", "MobileNetV2": "classifier_0", "ShuffleV1": "linear", "ShuffleV2": "linear"}
+
+
+def classifier(student: str) -> str:
+  return CLASSIFIER.get(student, "fc")  # the CIFAR ResNets and WRNs
+
+
 def _init_recipe(method: str, student: str):
   """RepDistiller's init stage: SGD at a constant rate for 30 epochs (pretrain.py)."""
   resnet_like = student.startswith(("resnet", "wrn"))
@@ -159,7 +168,7 @@ def get_config(rows: str = ""):
       if method in ("ab", "fsp", "ft"):
         c.rows[f"{name}_init"] = row(terms=method_terms(f"{method}_init", teacher, student),
                                      **{**common, "paper": ""}, **_init_recipe(method, student),
-                                     freeze=["student"] if method == "ft" else ())
+                                     freeze=["student"] if method == "ft" else [f"student/{classifier(student)}"])
         common["init_from"] = f"{name}_init"
       c.rows[name] = row(terms=method_terms(method, teacher, student), **common, **_recipe(student))
   if rows:
