@@ -216,21 +216,20 @@ def test_teacher_cache_with_random_augmentation_is_refused(tmp_path):
 
 def test_clean_teacher_input_sees_the_unaugmented_batch(reference_run, tmp_path):
   """teacher_input='clean' (Noisy Student): the student trains on jittered images while the teacher reads the
-  un-augmented ones, so its cached logits give the same run as its forward pass; 'augmented' differs."""
+  un-augmented ones. The cache holds the teacher's logits on the un-augmented train set, so the run with the
+  teacher's forward pass matches it only if that forward pass reads the clean batch."""
   workdir, _ = reference_run
   kd_losses = {}
-  for name, teacher_input, cache in [("direct", "clean", False), ("cached", "clean", True),
-                                     ("augmented", "augmented", False)]:
+  for name, cache in [("direct", False), ("cached", True)]:
     config = tiny_config()
     config.max_steps = 10
-    config.rows.student_kd.update(augment="jitter", teacher_input=teacher_input, cache_teacher=cache)
+    config.rows.student_kd.update(augment="jitter", teacher_input="clean", cache_teacher=cache)
     os.makedirs(tmp_path / name)
     os.symlink(os.path.join(workdir, "teacher"), str(tmp_path / name / "teacher"))
     train.run(config, str(tmp_path / name))
     kd_losses[name] = [m["loss/kd"] for m in read_metrics(str(tmp_path / name), "student_kd")]
   assert len(kd_losses["direct"]) == 2
   np.testing.assert_allclose(kd_losses["cached"], kd_losses["direct"], rtol=1e-5)
-  assert not np.allclose(kd_losses["augmented"], kd_losses["direct"], rtol=1e-3)
 
 
 def test_unknown_teacher_input_is_named(tmp_path):
