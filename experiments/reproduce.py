@@ -67,20 +67,42 @@ def versus_paper(config, r: dict) -> str:
   return f"{gap:+.2f}{flag}"
 
 
+def versus_baseline(config, r: dict, base: dict | None) -> str:
+  """ours − the baseline row in the paper's metric, flagged where the difference of the means exceeds two
+  standard errors (sqrt(s1²/n1 + s0²/n0): Welch's, over seeds)."""
+  if base is None or r["row"] == base["row"]:
+    return "–"
+  key = "errors" if config.paper_metric == "test_errors" else "accuracy"
+  (mean, std), (base_mean, base_std) = r[key], base[key]
+  gap = mean - base_mean
+  if min(r["seeds"], base["seeds"]) < 2:
+    return f"{gap:+.2f}" + (" (1 seed: no spread to judge it by)" if gap else "")
+  se = float(np.sqrt(std ** 2 / r["seeds"] + base_std ** 2 / base["seeds"]))
+  return f"{gap:+.2f}" + (" (more than 2 SE)" if abs(gap) > 2 * se else "")
+
+
 def markdown(config, rows: list[dict], command: str) -> str:
   metric = "test errors" if config.paper_metric == "test_errors" else "test accuracy (%)"
+  baseline = config.get("baseline_row", "")
+  base = next((r for r in rows if r["row"] == baseline), None)
   lines = [
       f"Command: `{command}`", "",
       f"| row | model | paper ({metric}) | ours: test accuracy (%), last epoch | ours: test errors, last epoch "
-      "| ours − paper | best epoch acc. (reference only) | seeds | epochs | wall time / seed | device |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| ours − paper |" + (f" ours − {baseline} |" if base else "") +
+      " best epoch acc. (reference only) | seeds | epochs | wall time / seed | device |",
+      "|---|---|---|---|---|---|" + ("---|" if base else "") + "---|---|---|---|---|",
   ]
   for r in rows:
     paper = r["paper"] if r["paper"] != "" else "–"
     lines.append(
         f"| {r['row']} | {r['model']} | {paper} | {r['accuracy'][0]:.2f} ± {r['accuracy'][1]:.2f} "
-        f"| {r['errors'][0]:.1f} ± {r['errors'][1]:.1f} | {versus_paper(config, r)} | {r['best_accuracy'][0]:.2f} "
-        f"| {r['seeds']} | {r['epochs']} | {r['wall_time_s']:.0f} s | {r['device']} |")
+        f"| {r['errors'][0]:.1f} ± {r['errors'][1]:.1f} | {versus_paper(config, r)} |"
+        + (f" {versus_baseline(config, r, base)} |" if base else "") +
+        f" {r['best_accuracy'][0]:.2f} | {r['seeds']} | {r['epochs']} | {r['wall_time_s']:.0f} s | {r['device']} |")
+  if base:
+    key = "test errors" if config.paper_metric == "test_errors" else "test accuracy (%)"
+    lines += ["", f"`ours − {baseline}`: the difference of the last-epoch means in {key}, flagged where it "
+              "exceeds two standard errors of the difference over seeds."]
   return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,10 @@
 import json
 import os
 
+import pytest
+
 from experiments import reproduce
+from kd_jax import train
 from tests.configs import tiny_digits
 
 
@@ -36,3 +39,30 @@ def test_one_seed_is_not_called_a_significant_gap():
   assert reproduce.versus_paper(config, row) == "-5.00 (1 seed: no spread to judge it by)"
   assert reproduce.versus_paper(config, {**row, "seeds": 3, "errors": (141.0, 1.0)}) == "-5.00 (more than 2 std)"
   assert reproduce.versus_paper(config, {**row, "seeds": 3, "errors": (141.0, 3.0)}) == "-5.00"
+
+
+def test_rows_are_compared_with_the_baseline_row_by_standard_error():
+  config = tiny_digits.get_config()
+  config.paper_metric = "test_errors"
+  config.baseline_row = "teacher"
+  base = {"row": "teacher", "seeds": 3, "errors": (141.0, 6.0), "accuracy": (98.59, 0.06)}
+  row = {"row": "student_kd", "seeds": 3, "errors": (131.0, 6.0), "accuracy": (98.69, 0.06)}
+  # SE of the difference: sqrt(36/3 + 36/3) = 4.9, so -10 is beyond 2 SE and -9 is not.
+  assert reproduce.versus_baseline(config, row, base) == "-10.00 (more than 2 SE)"
+  assert reproduce.versus_baseline(config, {**row, "errors": (132.0, 6.0)}, base) == "-9.00"
+  assert reproduce.versus_baseline(config, base, base) == "–"
+  assert reproduce.versus_baseline(config, {**row, "seeds": 1}, base) == "-10.00 (1 seed: no spread to judge it by)"
+  summary = {"paper": "", "model": "mlp", "best_accuracy": (98.7, 0.0), "epochs": 1, "wall_time_s": 1.0,
+             "device": "cpu"}
+  table = reproduce.markdown(config, [{**summary, **base}, {**summary, **row}], "cmd")
+  assert "| ours − paper | ours − teacher |" in table
+  assert "| – | -10.00 (more than 2 SE) |" in table and "| – | – |" in table
+  config.baseline_row = ""
+  assert "ours − teacher" not in reproduce.markdown(config, [{**summary, **base}], "cmd")
+
+
+def test_unknown_baseline_row_is_named():
+  config = tiny_digits.get_config()
+  config.baseline_row = "studnet"
+  with pytest.raises(ValueError, match="baseline_row 'studnet' is not a row of this config"):
+    train.run(config, "/nonexistent/never/written")

@@ -43,3 +43,5 @@ def select_rows(config, rows: str) -> None:
   for name in list(config.rows):
     if name not in keep:
       del config.rows[name]
+  if config.get("baseline_row") and config.baseline_row not in keep:  # not selected: nothing to compare with
+    config.baseline_row = ""

@@ -12,6 +12,7 @@ from kd_jax.train import base_config, row
 
 def get_config(rows: str = ""):
   c = base_config()
+  c.baseline_row = "student"  # every row against the student alone
   c.epochs = 100
   c.data.name = "digits"
   c.data.batch_size = 64

@@ -22,6 +22,7 @@ from kd_jax.train import row
 
 def get_config(rows: str = ""):
   c = mnist_table()
+  c.baseline_row = "student"  # every row against the student alone
   epochs = 60
   adam = {"name": "adam", "learning_rate": 1e-3}
   decay = {"name": "cosine"}

@@ -42,6 +42,7 @@ STUDENT_EPOCHS = 10
 
 def get_config(rows: str = ""):
   c = mnist_table()
+  c.baseline_row = "student"  # every row against the student alone
   epochs = STUDENT_EPOCHS
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine"}

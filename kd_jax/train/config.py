@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   # What the rows' `paper` figures measure, for experiments/reproduce.py:
   # "test_accuracy" (percent) or "test_errors" (a count).
   c.paper_metric = "test_accuracy"
+  # A row the others are compared with in the report (e.g. "student": the student alone), or "".
+  c.baseline_row = ""
   c.rows = ml_collections.ConfigDict(sort_keys=False)  # table order as written
   return c
 
@@ -149,6 +151,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ValueError(f"{key} must be positive, got {config[key]}")
   if not config.rows:
     raise ValueError("the config has no rows: add at least one to config.rows")
+  if config.get("baseline_row") and config.baseline_row not in config.rows:
+    raise ValueError(f"baseline_row {config.baseline_row!r} is not a row of this config; rows: {list(config.rows)}")
   example = row(model="mlp", terms={"ce": {}})
   from kd_jax import data, distill, models  # local: keeps config importable on its own
 
