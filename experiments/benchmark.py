@@ -64,6 +64,9 @@ class Settings:
   repeats: int = 3
   tiny: bool = False
   seed: int = 0
+  # "bfloat16": mixed precision on both sides, kd_jax's `compute_dtype` (bf16 compute, f32 params) and
+  # torch.autocast(dtype=torch.bfloat16) around the PyTorch step.
+  dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +225,7 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
   jax.block_until_ready(jnp.ones(8).sum())
   memory = _Memory()
   setup = case.jax()
-  spec = setup.spec
+  spec = dataclasses.replace(setup.spec, compute_dtype=settings.dtype)
   mesh = mesh_lib.make_mesh()
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(setup.teacher_variables, replicated)
@@ -487,6 +490,8 @@ def run_torch(case: Case, settings: Settings) -> dict[str, Any]:
   torch.ones(8, device=device).sum().item()  # start the runtime before the memory baseline
   memory = _Memory()
   ref = case.torch()
+  if settings.dtype != "float32":
+    ref = _autocast(ref, device, getattr(torch, settings.dtype))
   start = time.perf_counter()
   first_loss = float(ref.step())  # .item() syncs
   first_step_s = time.perf_counter() - start
@@ -827,6 +832,17 @@ def loop_hinton_mlp(tiny: bool) -> Case:
 # ----------------------------------------------------------------------------- orchestration
 
 
+def _autocast(ref, device, dtype):
+  """`ref` with its step run under torch.autocast (mixed precision: bf16 convolutions and matmuls)."""
+  import torch
+
+  def step():
+    with torch.autocast(device_type=device.type, dtype=dtype):
+      return ref.step()
+
+  return dataclasses.replace(ref, step=step)
+
+
 def _worker(side: str, name: str, settings: Settings) -> dict[str, Any]:
   """One side of one case, in this process; never raises (a failure is the row's status)."""
   try:
@@ -852,7 +868,8 @@ def _spawn(side: str, name: str, settings: Settings, timeout: float) -> dict[str
     out = os.path.join(tmp, "result.json")
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", side, "--cases", name,
            "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
-           "--seed", str(settings.seed), "--result", out] + (["--tiny"] if settings.tiny else [])
+           "--seed", str(settings.seed), "--dtype", settings.dtype, "--result", out] + (
+               ["--tiny"] if settings.tiny else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
       proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -872,7 +889,8 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
   settings = dataclasses.replace(settings, steps=settings.steps or case.steps)
   row: dict[str, Any] = {"case": name, "description": case.description, "batch": case.batch,
                          "images_per_step": case.images_per_step, "steps": settings.steps,
-                         "repeats": settings.repeats, "warmup": settings.warmup, "kind": case.kind}
+                         "repeats": settings.repeats, "warmup": settings.warmup, "kind": case.kind,
+                         "dtype": settings.dtype}
   if case.baseline:
     row["baseline"] = case.baseline
   if case.kind == "loop":  # kd_jax's loop against itself: no torch half
@@ -937,6 +955,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     jx, th = row.get("jax", {}), row.get("torch", {})
     ok_j, ok_t = jx.get("status") == "ok", th.get("status") == "ok"
     devices = " / ".join(d for d in (jx.get("device"), th.get("device")) if d) or "—"
+    if row.get("dtype", "float32") != "float32":
+      devices += f" ({row['dtype']} compute)"
     mem = lambda side, ok: (f"{_fmt(side['peak_mib'])} ({_short_measure(side['memory_measure'])})"
                             if ok and side.get("peak_mib") is not None else "—")
     lines.append("| " + " | ".join([
@@ -985,6 +1005,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tiny", action="store_true", help="small models and batch 16: checks the harness quickly")
   p.add_argument("--sides", default="jax,torch", help="which sides to run: jax,torch | jax | torch")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="bfloat16: mixed precision on both sides (kd_jax compute_dtype, torch.autocast)")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per side of a case")
   p.add_argument("--inprocess", action="store_true", help="run both sides in this process (debugging; "
                  "peak memory then mixes both frameworks)")
@@ -1008,7 +1030,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   unknown = [n for n in names if n not in CASES]
   if unknown:
     raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-  settings = Settings(steps=args.steps, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny, seed=args.seed)
+  settings = Settings(steps=args.steps, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny, seed=args.seed,
+                      dtype=args.dtype)
   if args.worker:
     result = _worker(args.worker, names[0], settings)
     with open(args.result, "w") as f:

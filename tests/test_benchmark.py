@@ -72,7 +72,8 @@ def tiny_run(tmp_path_factory):
 
 def test_hinton_mlp_tiny_end_to_end(tiny_run):
   data, printed = tiny_run
-  assert data["meta"]["settings"] == {"steps": 2, "warmup": 2, "repeats": 1, "tiny": True, "seed": 0}
+  assert data["meta"]["settings"] == {"steps": 2, "warmup": 2, "repeats": 1, "tiny": True, "seed": 0,
+                                      "dtype": "float32"}
   row = data["cases"][0]
   if row["status"] == "skipped":
     pytest.skip(row["reason"])
@@ -124,3 +125,18 @@ def test_train_loop_case_logs_and_checkpoints_only_when_on(tiny_run):
   # No compilation inside any timed window: the loop does not retrace after its first steps.
   assert loop["compiles"] == {"on": [0], "log": [0], "off": [0]} and row["jax"]["compiles"] == 0
   assert "| loop_hinton_mlp | 16 |" in printed and "train loop:" in printed
+
+
+@pytest.mark.slow
+def test_bfloat16_runs_both_sides_in_mixed_precision(tiny_run, tmp_path):
+  """--dtype=bfloat16: the same first loss as float32 on each side to bf16's precision, not bit-identical."""
+  data, _ = tiny_run
+  out = tmp_path / "bf16.json"
+  benchmark.main(["--cases=hinton_mlp", "--tiny", "--steps=2", "--warmup=2", "--repeats=1", "--dtype=bfloat16",
+                  f"--json={out}"])
+  bf16, f32 = json.loads(out.read_text())["cases"][0], data["cases"][0]
+  assert bf16["dtype"] == "bfloat16" and bf16["status"] == "ok", bf16
+  # (Computed in bf16, PyTorch's KD loss at T=20 came out negative: both sides keep the losses in f32.)
+  for side in ("jax", "torch"):
+    assert bf16[side]["first_loss"] == pytest.approx(f32[side]["first_loss"], rel=2e-2)
+  assert bf16["jax"]["first_loss"] != f32["jax"]["first_loss"]  # (torch's agrees to the 5 digits kept)

@@ -318,6 +318,17 @@ def _to(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Modu
   return module.to(device, memory_format=torch.channels_last) if channels_last else module.to(device)
 
 
+def _float32(tree):
+  """Floating tensors of a (nested tuple / list / dict of) model output as float32 (mixed-precision outputs)."""
+  if isinstance(tree, torch.Tensor):
+    return tree.float() if tree.is_floating_point() else tree
+  if isinstance(tree, dict):
+    return {k: _float32(v) for k, v in tree.items()}
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(_float32(v) for v in tree)
+  return tree
+
+
 def offline_step(*, student: nn.Module, teacher: nn.Module, images: np.ndarray, labels: np.ndarray,
                  index: np.ndarray, loss_fn: Callable[..., torch.Tensor], optimizer: dict[str, Any],
                  normalize: dict[str, Any], channels_last: bool, extra: nn.Module | None = None,
@@ -347,7 +358,8 @@ def offline_step(*, student: nn.Module, teacher: nn.Module, images: np.ndarray, 
     with torch.no_grad():
       t_out = teacher(x)
     s_out = student(x)
-    loss = loss_fn(s_out, t_out, y, idx, extra)
+    with torch.autocast(device_type=device.type, enabled=False):  # under mixed precision too: the loss in f32
+      loss = loss_fn(_float32(s_out), _float32(t_out), y, idx, extra)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -401,7 +413,7 @@ def peers_step(*, peers: Sequence[nn.Module], images: np.ndarray, labels: np.nda
     streams = [norm(x_u8[s]) for s in range(x_u8.shape[0])]
     xs = streams if len(streams) == k else streams * k
     ys = [y[s] for s in range(y.shape[0])] if y.shape[0] == k else [y[0]] * k
-    logits = [m(x)[0] for m, x in zip(peers, xs)]
+    logits = [m(x)[0].float() for m, x in zip(peers, xs)]  # the losses in f32, also under mixed precision
     loss = 0.0
     for i in range(k):
       loss = loss + F.cross_entropy(logits[i], ys[i])
@@ -410,7 +422,7 @@ def peers_step(*, peers: Sequence[nn.Module], images: np.ndarray, labels: np.nda
         loss = loss + sum(soft(logits[i], logits[j].detach(), ys[i]) for j in others) / len(others)
       elif mode in ("codistill_stale", "codistill_predictions"):
         with torch.no_grad():
-          outputs = [stale[j](xs[i])[0] if mode == "codistill_stale" else logits[j] for j in others]
+          outputs = [stale[j](xs[i])[0].float() if mode == "codistill_stale" else logits[j] for j in others]
           target = torch.stack([F.softmax(o / temperature, dim=1) for o in outputs]).mean(0)
         log_p = F.log_softmax(logits[i] / temperature, dim=1)
         loss = loss + temperature ** 2 * F.kl_div(log_p, target, reduction="batchmean")
