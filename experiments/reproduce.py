@@ -100,8 +100,7 @@ def markdown(config, rows: list[dict], command: str) -> str:
         + (f" {versus_baseline(config, r, base)} |" if base else "") +
         f" {r['best_accuracy'][0]:.2f} | {r['seeds']} | {r['epochs']} | {r['wall_time_s']:.0f} s | {r['device']} |")
   if base:
-    key = "test errors" if config.paper_metric == "test_errors" else "test accuracy (%)"
-    lines += ["", f"`ours − {baseline}`: the difference of the last-epoch means in {key}, flagged where it "
+    lines += ["", f"`ours − {baseline}`: the difference of the last-epoch means in {metric}, flagged where it "
               "exceeds two standard errors of the difference over seeds."]
   return "\n".join(lines) + "\n"
 
