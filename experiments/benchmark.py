@@ -217,7 +217,7 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from kd_jax.train import engine
+  from kd_jax.train import backend, engine
   from kd_jax.train import mesh as mesh_lib
 
   counter = CompileCounter()
@@ -233,7 +233,7 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
   rng = jax.random.PRNGKey(settings.seed)
   abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
   state_sharding = engine.state_shardings(mesh, abstract, spec)
-  state = jax.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
+  state = backend.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
       spec, rng, teacher_variables, example)
   note = setup.check_state(state) if setup.check_state else ""
   step = engine.make_train_step(spec, mesh, state_sharding)
@@ -281,7 +281,7 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
       "compile_method": f"jax.monitoring duration events {BACKEND_COMPILE_EVENT!r}",
       "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5),
       "nonfinite_step": nonfinite, "trained_params": trained, "note": note,
-      "versions": {"jax": jax.__version__},
+      "compiler_options": backend.compiler_options(), "versions": {"jax": jax.__version__},
   }
 
 

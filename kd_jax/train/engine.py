@@ -29,6 +29,7 @@ from kd_jax import losses
 from kd_jax.data import augment as augment_lib
 from kd_jax.distill import Objective, Outputs
 from kd_jax.distill import weight_distillation
+from kd_jax.train import backend
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
 
@@ -382,7 +383,7 @@ def batch_sharding(mesh: Mesh, spec: StepSpec) -> NamedSharding:
 def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
   """`step(state, teacher_variables, batch) -> (state, metrics)`, jitted; the state is donated."""
   replicated = mesh_lib.replicated(mesh)
-  return jax.jit(
+  return backend.jit(
       lambda state, teacher_variables, batch: train_step(spec, state, teacher_variables, batch),
       in_shardings=(state_sharding, replicated, batch_sharding(mesh, spec)),
       out_shardings=(state_sharding, replicated),
@@ -433,13 +434,13 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
     return sums
 
   # Variables keep the sharding they were trained with (peers split over "replica").
-  return jax.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
+  return backend.jit(eval_step, in_shardings=(None, mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
 
 
 def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh):
   """`logits(teacher_variables, batch) -> [B, classes]` in inference mode, for the teacher cache."""
-  return jax.jit(lambda variables, batch: teacher.apply(
+  return backend.jit(lambda variables, batch: teacher.apply(
       variables, normalize(model_inputs(batch["image"])), train=False).astype(jnp.float32),
                  in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

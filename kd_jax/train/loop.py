@@ -31,6 +31,7 @@ from kd_jax.data import augment as augment_lib
 from kd_jax.data.imagenet import prefetch
 from kd_jax.distill import Objective
 from kd_jax.distill import weight_distillation
+from kd_jax.train import backend
 from kd_jax.train import checkpoint as checkpoint_lib
 from kd_jax.train import config as config_lib
 from kd_jax.train import engine
@@ -417,7 +418,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(row_dir, "checkpoints"), keep=config.keep_checkpoints)
   restored = checkpointer.restore_latest(abstract_state)
   if restored is None:
-    state = jax.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
+    state = backend.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
         spec, rng, teacher_variables, example)
     restored_terms = []
     if init_dir:

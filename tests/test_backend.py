@@ -1,0 +1,79 @@
+"""XLA:CPU compiler options of the engine: convolutions to Eigen, everything else as XLA's default."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kd_jax import models
+from kd_jax.data import augment
+from kd_jax.distill import Objective
+from kd_jax.train import backend, engine
+from kd_jax.train import mesh as mesh_lib
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _fusion_kinds(hlo: str) -> list[str]:
+  """The library fusions of a compiled module (e.g. ["__ynn_fusion", ...]), sorted."""
+  return sorted(re.findall(r'"kind":"(__\w+)"', hlo))
+
+
+def _ynn_convolutions(hlo: str) -> int:
+  """How many YNNPACK fusions of a compiled module contain a convolution."""
+  computations = dict(re.findall(r"^%([\w.\-]+) .*?\n(.*?)^}", hlo, re.M | re.S))
+  called = re.findall(r'calls=%([\w.\-]+).*"kind":"__ynn_fusion"', hlo)
+  return sum("convolution(" in computations.get(name, "") for name in called)
+
+
+def _compiled(fn, *args, options):
+  return jax.jit(fn, compiler_options=options).lower(*args).compile().as_text()
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+
+
+def test_cpu_options_are_taken_here():
+  assert jax.default_backend() == "cpu"
+  assert backend.compiler_options() == backend.CPU_OPTIONS
+  assert backend.compiler_options("gpu") is None and backend.compiler_options("tpu") is None
+
+
+def test_a_user_choice_in_xla_flags_is_kept(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution")
+  assert backend.compiler_options() is None
+
+
+def test_only_convolutions_leave_xla_defaults():
+  """Dots, reductions and elementwise work compile to the same fusions as XLA's default; convolutions (and
+  their gradients) to no YNNPACK fusion. Fails if a jaxlib changes its default fusion types."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 32))  # YNNPACK takes convolutions from 32 channels
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 32))
+  no_convs = lambda x, w: (jnp.tanh(x.reshape(-1, 32) @ w[0, 0]).sum(0), jnp.mean(jnp.square(x), (0, 1, 2)))
+  assert _fusion_kinds(_compiled(no_convs, x, w, options=backend.CPU_OPTIONS)) == _fusion_kinds(
+      _compiled(no_convs, x, w, options=None))
+  conv_grads = jax.grad(lambda x, w: jnp.sum(_conv(x, w) ** 2), argnums=(0, 1))
+  default, ours = (_compiled(conv_grads, x, w, options=o) for o in (None, backend.CPU_OPTIONS))
+  assert _ynn_convolutions(default) > 0  # else this jaxlib no longer sends convolutions to YNNPACK
+  assert _ynn_convolutions(ours) == 0 and "convolution(" in ours
+  # Same weight gradient up to float32 summation order.
+  ours_dw, default_dw = (np.asarray(jax.jit(conv_grads, compiler_options=o)(x, w)[1]) for o in (backend.CPU_OPTIONS, None))
+  np.testing.assert_allclose(ours_dw, default_dw, rtol=1e-4, atol=1e-5 * np.abs(default_dw).max())
+
+
+def test_the_engine_step_compiles_with_the_options():
+  schedule = optax.constant_schedule(0.1)
+  spec = engine.StepSpec(
+      student=models.create("resnet8", num_classes=10), objective=Objective({"ce": {}}),
+      optimizer=optax.sgd(schedule), schedule=schedule, normalize=lambda x: augment.normalize(x, scale=1 / 255, mean=(0.5,), std=(0.25,)))
+  mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
+  example = jnp.zeros((2, 8, 8, 3), jnp.uint8)
+  abstract = jax.eval_shape(lambda: engine.init_state(spec, jax.random.PRNGKey(0), {}, example))
+  shardings = engine.state_shardings(mesh, abstract, spec)
+  batch = {"image": jnp.zeros((1, 2, 8, 8, 3), jnp.uint8), "label": jnp.zeros((1, 2), jnp.int32),
+           "index": jnp.zeros((1, 2), jnp.int32)}
+  hlo = engine.make_train_step(spec, mesh, shardings).lower(abstract, {}, batch).compile().as_text()
+  assert "convolution(" in hlo and _ynn_convolutions(hlo) == 0
