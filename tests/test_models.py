@@ -140,9 +140,6 @@ DEFAULT_TRAIN = {"resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV2", "Mob
 BATCH = 8
 # Tests compile many networks on 2 CPU cores: skip XLA's slow backend optimisations
 # (same results, far shorter compiles) and use the cheap RBG key for parameter init.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_llvm_disable_expensive_passes": True})
-
 
 def init_key(seed=0):
   return jax.random.key(seed, impl="rbg")
@@ -173,7 +170,7 @@ def compiled(name, **kwargs):
     return model.apply(variables, x, train=False, return_features=True)
 
   # Init keeps XLA's optimisations: unoptimised code is slow to generate millions of random numbers.
-  return model, jax.jit(lambda rng, x: model.init(rng, x, train=False)), jit(train_step), jit(eval_step), optimizer
+  return model, jax.jit(lambda rng, x: model.init(rng, x, train=False)), jax.jit(train_step), jax.jit(eval_step), optimizer
 
 
 # Models whose pooled embedding is the plain average of their last stage.
@@ -239,7 +236,7 @@ def test_batch_norm_uses_the_global_batch_under_sharding():
   model, init, _, _, _ = compiled("resnet8")
   x = np.random.default_rng(0).normal(size=(BATCH, 32, 32, 3)).astype(np.float32)
   variables = init(init_key(), x[:1])
-  fwd = jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
   single = fwd(variables, x)
   m = mesh()
   sharded = fwd(jax.device_put(variables, NamedSharding(m, P())), jax.device_put(x, NamedSharding(m, P("data"))))
@@ -255,8 +252,8 @@ def test_batch_norm_uses_the_global_batch_under_sharding():
 def test_dropout_uses_the_dropout_rng():
   model = models.create("wrn_16_1", num_classes=10, drop_rate=0.3)
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  variables = jit(model.init)(init_key(), x)
-  fwd = jit(lambda v, x, r: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": r})[0])
+  variables = jax.jit(model.init)(init_key(), x)
+  fwd = jax.jit(lambda v, x, r: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": r})[0])
   a, b, c = (np.asarray(fwd(variables, x, jax.random.key(s))) for s in (1, 1, 2))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
@@ -287,7 +284,7 @@ def test_capture_by_module_path_under_jit():
   assert logits.shape == (4, 10) and set(updates) == {"batch_stats"}
   assert feats["bn"].shape == (4, 8, 8, 8) and feats["hidden"].shape == (4, 16)
   # Gradients flow through captured features.
-  g = jit(jax.grad(lambda p: jnp.sum(models.capture(net, {**variables, "params": p}, x, ["hidden"])[1]["hidden"] ** 2)))(
+  g = jax.jit(jax.grad(lambda p: jnp.sum(models.capture(net, {**variables, "params": p}, x, ["hidden"])[1]["hidden"] ** 2)))(
       variables["params"])
   assert float(jnp.abs(g["hidden"]["kernel"]).sum()) > 0
   assert models.module_paths(net, variables, x) == {

@@ -1,5 +1,4 @@
 """Connectors: output shapes, parameter counts of the reference modules, and joint training with a student."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +8,6 @@ import pytest
 
 from kd_jax import models
 from kd_jax.models import connectors as C
-
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_llvm_disable_expensive_passes": True})
 
 
 def init(module, *args, **kwargs):
@@ -132,13 +128,13 @@ def test_connector_trains_with_the_student():
   regressor = C.ConvReg(128)  # resnet8 stage2 [16, 16, 32] -> resnet8x4 stage2 [16, 16, 128]
   images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   hint = jax.random.normal(jax.random.key(2), (8, 16, 16, 128))
-  s_vars = jit(student.init)(jax.random.key(0, impl="rbg"), images)
+  s_vars = jax.jit(student.init)(jax.random.key(0, impl="rbg"), images)
   r_vars = regressor.init(jax.random.key(3), jnp.zeros((1, 16, 16, 32)))
   params = {"student": s_vars["params"], "connector": r_vars["params"]}
   stats = {"student": s_vars["batch_stats"], "connector": r_vars["batch_stats"]}
   optimizer = optax.sgd(0.1)
 
-  @jit
+  @jax.jit
   def step(params, stats, opt_state):
     def loss_fn(params):
       (_, feats), s_upd = student.apply({"params": params["student"], "batch_stats": stats["student"]}, images,

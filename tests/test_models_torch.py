@@ -17,9 +17,6 @@ torch = pytest.importorskip("torch")
 from kd_jax import models  # noqa: E402
 from third_party import torch_models  # noqa: E402
 
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                    "xla_llvm_disable_expensive_passes": True})
-
 
 @functools.lru_cache(maxsize=None)
 def torchvision_models():
@@ -59,7 +56,7 @@ def flax_logits(name, state_dict, images_nchw):
   x = jnp.asarray(images_nchw.transpose(0, 2, 3, 1))
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   variables = torch_models.convert_state_dict(state_dict, template)
-  return np.asarray(jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
 
 @pytest.mark.parametrize("name", [
@@ -103,7 +100,7 @@ def test_load_checkpoint_file_as_saved_by_repdistiller(tmp_path):
   images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
   with torch.no_grad():
     expected = net(images).numpy()
-  got = np.asarray(jit(lambda v, x: module.apply(v, x))(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))))
+  got = np.asarray(jax.jit(lambda v, x: module.apply(v, x))(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))))
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
