@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, strict numpy rank promotion, offline data."""
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must happen before JAX is imported anywhere: multi-device code is tested on CPU.
 # The suite is dominated by compilation on 2 cores. LLVM's expensive passes are skipped (about 2x
@@ -13,6 +15,14 @@ os.environ["XLA_FLAGS"] = (
     " --xla_cpu_use_fusion_emitters=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run: the training subprocesses that are killed and
+# resumed or restarted (test_reliability, test_multiprocess, benchmark workers) compile the same steps
+# again. The xdist workers and every subprocess inherit the directory; whoever made it removes it.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kd_jax_tests_compile_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 _SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if _SHARED_DATA.is_dir():
     os.environ.setdefault("KD_JAX_DATA_DIR", str(_SHARED_DATA))
@@ -20,3 +30,8 @@ if _SHARED_DATA.is_dir():
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

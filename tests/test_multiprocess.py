@@ -21,7 +21,9 @@ def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path)
   """KD, DML (2 peers on the replica axis) and CRD (bank rows over "data"): 2 x 4 devices == 1 x 8."""
   workdir = str(tmp_path)
   port = 20000 + (os.getpid() + len(config_name)) % 20000
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  # conftest's cheap-compile flags, as the single process below, with 4 devices per process.
+  flags = [f for f in os.environ["XLA_FLAGS"].split() if "xla_force_host_platform_device_count" not in f]
+  env = {"XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=4"])}
   path = os.path.join(REPO, "tests", "configs", f"{config_name}.py")
   flags = [f"--config={path}", "--config.epochs=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
   procs = [launch(workdir, *flags, f"--process_id={i}", env=env) for i in range(2)]
