@@ -400,6 +400,8 @@ def run_jax_loop(case: Case, settings: Settings) -> dict[str, Any]:
     counter.close()
   on, log, off = (_timing(loops[m], case.images_per_step) for m in ("on", "log", "off"))
   steps_per_s = lambda t: round(1e3 / t["ms_per_step"], 2)
+  costs = loop_costs(on["ms_per_step"], log["ms_per_step"], off["ms_per_step"], timed_steps=settings.steps,
+                     checkpoint_every=every)
   device = jax.devices()[0]
   return {
       **on,  # the row's ms/step: the loop as it runs by default in a real training, logging on
@@ -413,12 +415,36 @@ def run_jax_loop(case: Case, settings: Settings) -> dict[str, Any]:
                        "checkpoint_every_steps": None, **written["off"]},
                # steps/s with logging and checkpointing over steps/s without: 1 = no cost, below 1 = a slowdown
                "ratio_on_off": round(steps_per_s(on) / steps_per_s(off), 3),
-               "ratio_log_off": round(steps_per_s(log) / steps_per_s(off), 3),
+               "ratio_log_off": round(steps_per_s(log) / steps_per_s(off), 3), **costs,
                "timed_steps": settings.steps, "warmup_steps": warmup, "compiles": compiles},
       # Compilations inside the timed windows of every run (each run compiles its step before them).
       "compiles": None if None in sum(compiles.values(), []) else sum(sum(compiles.values(), [])),
       "note": "", "versions": {"jax": jax.__version__},
   }
+
+
+def loop_costs(on_ms: float, log_ms: float, off_ms: float, *, timed_steps: int, checkpoint_every: int,
+               log_every: int | None = None, defaults_checkpoint_every: int | None = None) -> dict[str, float]:
+  """What logging and checkpointing cost the loop, and the steps/s ratio they give at the base config's intervals.
+
+  From the median ms/step of the three modes: a logged step costs `log_ms - off_ms` more than an unlogged
+  one (every step is logged in "log" and "on"); a checkpoint costs its share of `on_ms - log_ms` over the
+  timed window (`timed_steps // checkpoint_every` checkpoints in it). At the intervals a run uses by default
+  (`train.base_config()`: metrics every `log_every_steps`, a checkpoint every `checkpoint_every_steps`),
+  steps/s is then off / (off + log cost / log interval + checkpoint cost / checkpoint interval) of an
+  unlogged loop's. Noise can make a cost slightly negative; it is reported as measured.
+  """
+  if log_every is None or defaults_checkpoint_every is None:
+    from kd_jax import train
+    defaults = train.base_config()
+    log_every, defaults_checkpoint_every = defaults.log_every_steps, defaults.checkpoint_every_steps
+  checkpoints = max(timed_steps // checkpoint_every, 1)
+  per_log = log_ms - off_ms
+  per_checkpoint = (on_ms - log_ms) * timed_steps / checkpoints
+  at_defaults = off_ms / (off_ms + per_log / log_every + per_checkpoint / defaults_checkpoint_every)
+  return {"ms_per_logged_step": round(per_log, 3), "ms_per_checkpoint": round(per_checkpoint, 2),
+          "defaults": {"log_every_steps": log_every, "checkpoint_every_steps": defaults_checkpoint_every},
+          "ratio_at_defaults": round(at_defaults, 4)}
 
 
 def _loop_runs(setup: LoopSetup, settings: Settings, timer: _LoopTimer, warmup: int, total: int,
@@ -917,7 +943,10 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
     row["reason"] = (f"train loop: {loop['on']['steps_per_s']:,.1f} steps/s with metrics every step + a checkpoint "
                      f"every {loop['on']['checkpoint_every_steps']}, {loop['log']['steps_per_s']:,.1f} with the metrics "
                      f"only, {loop['off']['steps_per_s']:,.1f} with neither: ratio on/off {loop['ratio_on_off']:.2f}, "
-                     f"metrics only/off {loop['ratio_log_off']:.2f}")
+                     f"metrics only/off {loop['ratio_log_off']:.2f}; a checkpoint costs "
+                     f"{loop['ms_per_checkpoint']:,.0f} ms, a logged step {loop['ms_per_logged_step']:.2f} ms: at the "
+                     f"default intervals (metrics every {loop['defaults']['log_every_steps']}, a checkpoint every "
+                     f"{loop['defaults']['checkpoint_every_steps']} steps) ratio {loop['ratio_at_defaults']:.3f}")
   if statuses.get("jax") == "ok" and statuses.get("torch") == "ok":
     row["ratio"] = round(row["jax"]["ms_per_step"] / row["torch"]["ms_per_step"], 3)
     if row["jax"]["trained_params"] != row["torch"]["trained_params"]:

@@ -121,10 +121,27 @@ def test_train_loop_case_logs_and_checkpoints_only_when_on(tiny_run):
   assert loop["ratio_on_off"] == pytest.approx(loop["on"]["steps_per_s"] / loop["off"]["steps_per_s"], rel=0.01)
   assert loop["ratio_log_off"] == pytest.approx(loop["log"]["steps_per_s"] / loop["off"]["steps_per_s"], rel=0.01)
   assert row["loop_ratio_on_off"] == loop["ratio_on_off"]
+  on, log, off = (loop[m]["ms_per_step"] for m in ("on", "log", "off"))
+  assert loop["ms_per_logged_step"] == pytest.approx(log - off, abs=1e-3)
+  assert loop["ms_per_checkpoint"] == pytest.approx((on - log) * 2 / 1, abs=0.01)  # 1 checkpoint in the window
+  assert "ratio_at_defaults" in loop and "default intervals" in row["reason"]
   assert row["jax"]["ms_per_step"] == loop["on"]["ms_per_step"] > 0
   # No compilation inside any timed window: the loop does not retrace after its first steps.
   assert loop["compiles"] == {"on": [0], "log": [0], "off": [0]} and row["jax"]["compiles"] == 0
   assert "| loop_hinton_mlp | 16 |" in printed and "train loop:" in printed
+
+
+def test_loop_costs_at_the_default_intervals():
+  # A 20 ms step; logging every step adds 1 ms to it, 8 checkpoints in 200 steps another 5 ms: 125 ms each.
+  costs = benchmark.loop_costs(on_ms=26.0, log_ms=21.0, off_ms=20.0, timed_steps=200, checkpoint_every=25,
+                               log_every=50, defaults_checkpoint_every=1000)
+  assert costs["ms_per_logged_step"] == pytest.approx(1.0)
+  assert costs["ms_per_checkpoint"] == pytest.approx(5.0 * 200 / 8)
+  assert costs["ratio_at_defaults"] == pytest.approx(20.0 / (20.0 + 1.0 / 50 + 125.0 / 1000), rel=1e-4)
+  from kd_jax import train
+  defaults = benchmark.loop_costs(26.0, 21.0, 20.0, timed_steps=200, checkpoint_every=25)["defaults"]
+  assert defaults == {"log_every_steps": train.base_config().log_every_steps,
+                      "checkpoint_every_steps": train.base_config().checkpoint_every_steps}
 
 
 @pytest.mark.slow
