@@ -60,6 +60,39 @@ def test_run_trains_teacher_and_distils_a_student_that_learns(reference_run):
   assert [m["epoch"] for m in read_metrics(workdir, "student_kd", "test")] == [1, 2]
 
 
+def test_training_batches_are_placed_on_the_devices_ahead_in_a_background_thread(tmp_path, monkeypatch):
+  import threading
+  from kd_jax.train import mesh as mesh_lib
+  placed, received = [], []
+  put_local = mesh_lib.put_local
+
+  def recording_put(local, sharding, leading_shape):
+    placed.append((threading.current_thread() is threading.main_thread(), len(leading_shape)))
+    return put_local(local, sharding, leading_shape)
+
+  make_train_step = loop.engine.make_train_step
+
+  def recording_make(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def call(state, teacher_variables, batch):
+      received.append({k: (isinstance(v, jax.Array), v.sharding.spec) for k, v in batch.items()})
+      return step(state, teacher_variables, batch)
+
+    return call
+
+  monkeypatch.setattr(loop.mesh_lib, "put_local", recording_put)
+  monkeypatch.setattr(loop.engine, "make_train_step", recording_make)
+  config = tiny_config(epochs=1)
+  select_rows(config, "teacher")
+  config.max_steps = 4
+  train.run(config, str(tmp_path))
+  train_puts = [on_main for on_main, rank in placed if rank == 2]  # [S, B] leading axes: train batches
+  assert len(train_puts) == 4 and not any(train_puts)  # off the main thread (the test batches: on it)
+  assert len(received) == 4 and all(v == (True, jax.sharding.PartitionSpec(None, "data")) for r in received
+                                    for v in r.values())
+
+
 def test_finished_rows_are_not_trained_again(reference_run):
   workdir, results = reference_run
   before = os.path.getmtime(os.path.join(workdir, "teacher", "result.json"))

@@ -500,8 +500,11 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
 
   local = mesh_lib.local_block(batch_sharding, (spec.streams, batch_size))
   data_offset = row.get("data_start_epoch", 0) * steps_per_epoch  # a stage that continues a run's data order
-  batches = prefetch((_train_batch(dataset, batch_size, seed=config.seed, step=data_offset + step,
-                                   streams=spec.streams, block=local, labelled=labelled_mask)
+  # Read and placed on the devices in a background thread, 2 steps ahead: the host-to-device copy overlaps
+  # the step in flight.
+  batches = prefetch((mesh_lib.put_local(_train_batch(dataset, batch_size, seed=config.seed, step=data_offset + step,
+                                                      streams=spec.streams, block=local, labelled=labelled_mask),
+                                         batch_sharding, (spec.streams, batch_size))
                       for step in range(start_step, stop_step)), 2)
   t0 = time.time()
   pending: list = []
@@ -510,8 +513,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
   with _sigterm_flag() as sigterm, bar, contextlib.closing(batches):
     for step, batch in zip(range(start_step, stop_step), batches):
-      state, metrics = train_step(state, teacher_variables,
-                                  mesh_lib.put_local(batch, batch_sharding, (spec.streams, batch_size)))
+      state, metrics = train_step(state, teacher_variables, batch)
       done = step + 1
       bar.update(1)
       if done % config.log_every_steps == 0:
