@@ -78,15 +78,17 @@ class Case:
   images_per_step: int  # examples through a trained model per step (peers x batch for online methods)
   jax: Callable[[], "JaxSetup"]
   torch: Callable[[], Any]  # -> torch_reference.TorchStep
-  # Steps per timed loop unless --steps is given: sized so that the default run of every case fits
-  # in 10 minutes on 2 CPU cores, with loops of at least about a second.
-  steps: int = 4
+  # Steps per timed loop unless --steps is given: sized so that the default run fits in 10 minutes on
+  # 2 CPU cores (an AVX2 EPYC), with loops of at least about a second there.
+  steps: int = 1
   # Another case this one is compared with (time and FLOP ratios in the row's "vs_baseline"):
   # co-distillation and DML against 2 independent runs.
   baseline: str | None = None
   # "step": the engine step alone (jax) against PyTorch; "loop": `jax()` returns a `LoopSetup` and the
   # real train loop runs with logging and checkpointing on and off (kd_jax only, see `run_jax_loop`).
   kind: str = "step"
+  # In the default run (no --cases); the others run when named, or with --cases=all.
+  default: bool = True
 
 
 CASES: dict[str, Callable[[bool], Case]] = {}
@@ -644,7 +646,7 @@ def hinton_mlp(tiny: bool) -> Case:
 
 def _cifar_offline(tiny: bool, *, teacher: str, student: str, tiny_models: tuple[str, str], terms: dict[str, Any],
                    torch_loss: Callable[[], Callable], needs: dict[str, Any], description: str,
-                   check_state=None, num_train: int = 50000) -> Case:
+                   check_state=None, num_train: int = 50000, steps: int = 1) -> Case:
   """A CIFAR-100 teacher -> student case with the CRD recipe's SGD; B = 64 (16 when tiny)."""
   b, shape, classes = (16 if tiny else 64), (32, 32, 3), 100
   teacher, student = tiny_models if tiny else (teacher, student)
@@ -665,7 +667,7 @@ def _cifar_offline(tiny: bool, *, teacher: str, student: str, tiny_models: tuple
                            index=data["index"][0], optimizer=CRD_SGD, normalize=CIFAR100, channels_last=True,
                            loss_fn=loss_fn, extra=extra)
 
-  return Case(f"{teacher} -> {student}, {description}", b, b, build_jax, build_torch)
+  return Case(f"{teacher} -> {student}, {description}", b, b, build_jax, build_torch, steps=steps)
 
 
 @register("resnet32x4_resnet8x4_kd")
@@ -695,7 +697,7 @@ def wrn_40_2_wrn_16_2_at(tiny: bool) -> Case:
   return _cifar_offline(tiny, teacher="wrn_40_2", student="wrn_16_2", tiny_models=("wrn_16_1", "wrn_16_1"),
                         terms={"ce": {"weight": 1.0}, "at": {"weight": 1000.0}}, torch_loss=torch_loss,
                         needs={"terms": ["ce", "at"], "losses": ["cross_entropy", "attention_transfer_loss"]},
-                        description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4")
+                        description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4", steps=2)
 
 
 # CRD's memory: one 128-d embedding per CIFAR training image and view, 16384 negatives per example.
@@ -740,12 +742,12 @@ def resnet32x4_resnet8x4_crd(tiny: bool) -> Case:
 
 def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str, torch_mode: str, streams: int,
                  description: str, needs: dict[str, Any], peers: int = 2, exchange_every: int = 1,
-                 steps: int = 2, baseline: str | None = None) -> Case:
+                 steps: int = 1, baseline: str | None = None, default: bool = True) -> Case:
   """`peers` copies of `model` trained in one step: the engine's vmapped peer axis; in PyTorch, a loop over
   the peers and one SGD over all of them. CIFAR-100, B = 64 per peer (16 when tiny), the CRD recipe's SGD.
 
-  Two steps per timed loop by default: peers sharing a device run as unrolled copies of the single-model
-  step (engine.map_peers), about twice one resnet32 step on 2 CPU cores.
+  One step per timed loop by default: peers sharing a device run as unrolled copies of the single-model
+  step (engine.map_peers), about twice one resnet32 step (1.5-2 s on 2 CPU cores).
   """
   b, shape, classes = (16 if tiny else 64), (32, 32, 3), 100
   model = "resnet8" if tiny else model
@@ -766,7 +768,7 @@ def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str
                          channels_last=True, temperature=1.0, exchange_every=exchange_every)
 
   return Case(f"{peers} x {model}, {description}", b, peers * b, build_jax, build_torch, steps=steps,
-              baseline=baseline)
+              baseline=baseline, default=default)
 
 
 @register("dml_resnet32_x2")
@@ -817,7 +819,7 @@ def independent_resnet32_x2(tiny: bool) -> Case:
 def single_resnet32(tiny: bool) -> Case:
   """One run of CE alone (peers = 1): twice its time is 2 separate runs, the peer axis' cost is the rest."""
   return _cifar_peers(tiny, model="resnet32", terms={"ce": {"weight": 1.0}}, exchange="none", peers=1,
-                      torch_mode="independent", streams=1, description="one run: CE only", steps=4,
+                      torch_mode="independent", streams=1, description="one run: CE only", steps=2, default=False,
                       needs={"terms": ["ce"], "losses": ["cross_entropy"]})
 
 
@@ -833,7 +835,7 @@ def loop_hinton_mlp(tiny: bool) -> Case:
   every = 2 if tiny else 25
   teacher = ("mlp", {"widths": (64, 64), "dropout": 0.5, "input_dropout": 0.2}) if tiny else ("mlp_1200", {})
   student = ("mlp", {"widths": (32, 32)}) if tiny else ("mlp_800", {})
-  steps = 200
+  steps = 100
 
   def build_jax():
     require(models=[teacher[0], student[0]], terms=["ce", "kd"], losses=["cross_entropy", "kd_loss"])
@@ -1025,7 +1027,8 @@ def _meta(settings: Settings, sides: Sequence[str]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--cases", default="all", help="comma-separated case names, or 'all' (see --list)")
+  p.add_argument("--cases", default="default", help="comma-separated case names, 'default' (the cases marked "
+                 "so in --list) or 'all' (see --list)")
   p.add_argument("--steps", type=int, default=None, help="steps per timed loop (default: each case's own, "
                  "see --list)")
   p.add_argument("--warmup", type=int, default=Settings.warmup, help="untimed steps first (the first compiles)")
@@ -1053,9 +1056,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if args.list:
     for name, fn in CASES.items():
       case = fn(args.tiny)
-      print(f"{name:34s} B={case.batch:<4d} steps={case.steps:<3d} {case.description}")
+      print(f"{name:34s} B={case.batch:<4d} steps={case.steps:<3d} {'default' if case.default else '-------'} "
+            f"{case.description}")
     return []
-  names = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+  if args.cases in ("default", "all"):
+    names = [n for n, fn in CASES.items() if args.cases == "all" or fn(args.tiny).default]
+  else:
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
   unknown = [n for n in names if n not in CASES]
   if unknown:
     raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
