@@ -67,6 +67,9 @@ class Settings:
   # "bfloat16": mixed precision on both sides, kd_jax's `compute_dtype` (bf16 compute, f32 params) and
   # torch.autocast(dtype=torch.bfloat16) around the PyTorch step.
   dtype: str = "float32"
+  # A case with a baseline also times the baseline's step in its own worker, the two alternating (see
+  # `paired_loops`): the ratio in "vs baseline" then does not move with the machine between two rows.
+  paired: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,61 +217,99 @@ class CompileCounter:
     jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
+class _JaxRunner:
+  """The engine step of a `JaxSetup` on its fixed batch, built as `kd_jax.train.loop` builds it; the train
+  state is carried from call to call (the step donates it)."""
+
+  def __init__(self, setup: JaxSetup, settings: Settings):
+    import jax
+    import jax.numpy as jnp
+    from kd_jax.train import backend, engine
+    from kd_jax.train import mesh as mesh_lib
+
+    spec = dataclasses.replace(setup.spec, compute_dtype=settings.dtype)
+    mesh = mesh_lib.make_mesh()
+    self.teacher_variables = jax.device_put(setup.teacher_variables, mesh_lib.replicated(mesh))
+    example = jnp.zeros((mesh.devices.size,) + setup.input_shape, jnp.uint8)
+    rng = jax.random.PRNGKey(settings.seed)
+    abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, self.teacher_variables, example))
+    state_sharding = engine.state_shardings(mesh, abstract, spec)
+    self.state = backend.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
+        spec, rng, self.teacher_variables, example)
+    self.step = engine.make_train_step(spec, mesh, state_sharding)
+    self.batch = mesh_lib.put_batch(setup.batch, engine.batch_sharding(mesh, spec))
+    self.metrics = None
+    jax.block_until_ready((self.state, self.teacher_variables, self.batch))
+
+  def run(self, steps: int) -> float:
+    """Seconds per step of `steps` steps back to back, synchronised only at the end."""
+    import jax
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, self.metrics = self.step(self.state, self.teacher_variables, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+    return (time.perf_counter() - start) / steps
+
+  def flops(self) -> float | None:
+    return step_flops(self.step, self.state, self.teacher_variables, self.batch)
+
+
+def paired_loops(run_case: Callable[[int], float], run_baseline: Callable[[int], float], *, steps: int,
+                 repeats: int) -> dict[str, Any]:
+  """`repeats` timed loops of a case and of its baseline, alternating (case first in even rounds, the
+  baseline first in odd ones), in one process: each round's ratio compares loops a few seconds apart, so a
+  machine whose speed drifts between two rows (measured minutes apart) moves it much less. `ratio` is the
+  median of the rounds' ratios."""
+  case_loops, baseline_loops = [], []
+  for r in range(repeats):
+    order = [(case_loops, run_case), (baseline_loops, run_baseline)]
+    for loops, run in (order if r % 2 == 0 else order[::-1]):
+      loops.append(run(steps))
+  ratios = [c / b for c, b in zip(case_loops, baseline_loops)]
+  return {"ms_per_step_loops": [round(t * 1e3, 3) for t in case_loops],
+          "baseline_ms_per_step_loops": [round(t * 1e3, 3) for t in baseline_loops],
+          "ratios": [round(r, 4) for r in ratios], "ratio": round(statistics.median(ratios), 3)}
+
+
 def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
   """Builds the engine step, runs warm-up and the timed loops; the jax half of a row."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from kd_jax.train import backend, engine
-  from kd_jax.train import mesh as mesh_lib
+  from kd_jax.train import backend
 
   counter = CompileCounter()
   # The backend (client, thread pools) starts before the memory baseline: it is not the step's.
   jax.block_until_ready(jnp.ones(8).sum())
   memory = _Memory()
   setup = case.jax()
-  spec = dataclasses.replace(setup.spec, compute_dtype=settings.dtype)
-  mesh = mesh_lib.make_mesh()
-  replicated = mesh_lib.replicated(mesh)
-  teacher_variables = jax.device_put(setup.teacher_variables, replicated)
-  example = jnp.zeros((mesh.devices.size,) + setup.input_shape, jnp.uint8)
-  rng = jax.random.PRNGKey(settings.seed)
-  abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, teacher_variables, example))
-  state_sharding = engine.state_shardings(mesh, abstract, spec)
-  state = backend.jit(engine.init_state, static_argnums=0, out_shardings=state_sharding)(
-      spec, rng, teacher_variables, example)
-  note = setup.check_state(state) if setup.check_state else ""
-  step = engine.make_train_step(spec, mesh, state_sharding)
-  batch = mesh_lib.put_batch(setup.batch, engine.batch_sharding(mesh, spec))
-  jax.block_until_ready((state, teacher_variables, batch))
-  trained = int(sum(np.size(x) for x in jax.tree.leaves(state.params)))
+  runner = _JaxRunner(setup, settings)
+  note = setup.check_state(runner.state) if setup.check_state else ""
+  trained = int(sum(np.size(x) for x in jax.tree.leaves(runner.state.params)))
 
   counter.reset()
-  start = time.perf_counter()
-  state, metrics = step(state, teacher_variables, batch)
-  jax.block_until_ready((state, metrics))
-  first_step_s = time.perf_counter() - start
-  first_loss = float(metrics["loss"])
+  first_step_s = runner.run(1)
+  first_loss = float(runner.metrics["loss"])
   first_compiles, first_traces = counter.reset()
-  for _ in range(settings.warmup - 1):
-    state, metrics = step(state, teacher_variables, batch)
-  jax.block_until_ready((state, metrics))
+  if settings.warmup > 1:
+    runner.run(settings.warmup - 1)
   memory.start_window()
-  loops = []
-  for _ in range(settings.repeats):
-    start = time.perf_counter()
-    for _ in range(settings.steps):
-      state, metrics = step(state, teacher_variables, batch)
-    jax.block_until_ready((state, metrics))  # the only sync of the loop
-    loops.append((time.perf_counter() - start) / settings.steps)
+  loops = [runner.run(settings.steps) for _ in range(settings.repeats)]
   compiles, traces = counter.reset()
   peak, measure = memory.peak(jax.devices()[0])  # before the cost analysis below allocates anything
-  flops = step_flops(step, state, teacher_variables, batch)
+  flops = runner.flops()
   cost_compiles, _ = counter.reset()
   counter.close()
   device = jax.devices()[0]
-  nonfinite = int(jax.device_get(state.nonfinite_step))
+  nonfinite = int(jax.device_get(runner.state.nonfinite_step))
   timing = _timing(loops, case.images_per_step)
+  paired = None
+  if case.baseline and settings.paired:  # after every measurement above: the baseline's build is not in them
+    baseline = _JaxRunner(CASES[case.baseline](settings.tiny).jax(), settings)
+    baseline.run(settings.warmup)
+    paired = {"baseline": case.baseline, **paired_loops(runner.run, baseline.run, steps=settings.steps,
+                                                        repeats=settings.repeats),
+              "baseline_flops_per_step": baseline.flops()}
   return {
       **timing,
       # XLA's count for the compiled step (per device program), and what the timed loops achieved.
@@ -282,7 +323,7 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
       "compiles_first_step": first_compiles, "traces_first_step": first_traces,
       "compile_method": f"jax.monitoring duration events {BACKEND_COMPILE_EVENT!r}",
       "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5),
-      "nonfinite_step": nonfinite, "trained_params": trained, "note": note,
+      "nonfinite_step": nonfinite, "trained_params": trained, "note": note, "paired": paired,
       "compiler_options": backend.compiler_options(), "versions": {"jax": jax.__version__},
   }
 
@@ -371,12 +412,22 @@ def run_jax_loop(case: Case, settings: Settings) -> dict[str, Any]:
   last step. The modes alternate `--repeats` times (back to back, so a change of machine load hits
   both); each is a fresh run (its own compile, excluded from the time). Warm-up:
   `--warmup` steps plus one checkpoint interval, so that the first checkpoint (whose
-  orbax helpers compile) is before the window.
+  orbax helpers compile) is before the window. The runs compile the same programs: all but the first
+  read them from a persistent compilation cache in a temporary directory (unless one is configured);
+  that is before the window too, and a cache hit still counts as a compilation there.
   """
   import jax
   from kd_jax import data as data_lib
   from kd_jax.train import loop as loop_lib
 
+  if not jax.config.jax_compilation_cache_dir:  # before this worker's first compilation
+    import atexit
+    import shutil
+    cache = tempfile.mkdtemp(prefix="kd_jax_benchmark_cache_")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   counter = CompileCounter()
   setup = case.jax()
   dataset = setup.dataset
@@ -517,37 +568,48 @@ def run_torch(case: Case, settings: Settings) -> dict[str, Any]:
   device = torch_reference.setup()
   torch.ones(8, device=device).sum().item()  # start the runtime before the memory baseline
   memory = _Memory()
-  ref = case.torch()
-  if settings.dtype != "float32":
-    ref = _autocast(ref, device, getattr(torch, settings.dtype))
+
+  def build(case: Case):
+    ref = case.torch()
+    return _autocast(ref, device, getattr(torch, settings.dtype)) if settings.dtype != "float32" else ref
+
+  last = {}  # the loss tensor of the last step run
+
+  def timed(ref, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      last["loss"] = ref.step()
+    ref.sync()  # the only sync of the loop (a no-op on CPU, where every op is synchronous)
+    return (time.perf_counter() - start) / steps
+
+  ref = build(case)
   start = time.perf_counter()
   first_loss = float(ref.step())  # .item() syncs
   first_step_s = time.perf_counter() - start
-  for _ in range(settings.warmup - 1):
-    ref.step()
-  ref.sync()
+  if settings.warmup > 1:
+    timed(ref, settings.warmup - 1)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
   memory.start_window()
-  loops = []
-  for _ in range(settings.repeats):
-    start = time.perf_counter()
-    for _ in range(settings.steps):
-      loss = ref.step()
-    ref.sync()  # the only sync of the loop (a no-op on CPU, where every op is synchronous)
-    loops.append((time.perf_counter() - start) / settings.steps)
-  finite = bool(torch.isfinite(loss).item())
+  loops = [timed(ref, settings.steps) for _ in range(settings.repeats)]
+  finite = bool(torch.isfinite(last["loss"]).item())
   if device.type == "cuda":
     peak, measure = torch.cuda.max_memory_allocated(device) / MIB, "torch.cuda.max_memory_allocated"
   else:
     peak, measure = memory.peak(None)
   name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+  paired = None
+  if case.baseline and settings.paired:
+    baseline = build(CASES[case.baseline](settings.tiny))
+    timed(baseline, settings.warmup)
+    paired = {"baseline": case.baseline, **paired_loops(lambda n: timed(ref, n), lambda n: timed(baseline, n),
+                                                        steps=settings.steps, repeats=settings.repeats)}
   return {
       **_timing(loops, case.images_per_step),
       "device": f"{device.type}: {name}" + (", channels_last" if ref.channels_last else ""),
       "peak_mib": round(peak, 1), "memory_measure": measure,
       "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5), "finite": finite,
-      "trained_params": ref.trained_params, "versions": {"torch": torch.__version__},
+      "trained_params": ref.trained_params, "paired": paired, "versions": {"torch": torch.__version__},
       "loss_source": torch_reference.loss_source(),
   }
 
@@ -896,8 +958,8 @@ def _spawn(side: str, name: str, settings: Settings, timeout: float) -> dict[str
     out = os.path.join(tmp, "result.json")
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", side, "--cases", name,
            "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
-           "--seed", str(settings.seed), "--dtype", settings.dtype, "--result", out] + (
-               ["--tiny"] if settings.tiny else [])
+           "--seed", str(settings.seed), "--dtype", settings.dtype, "--result", out,
+           "--paired" if settings.paired else "--no-paired"] + (["--tiny"] if settings.tiny else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
       proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -958,18 +1020,35 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
 
 
 def compare_baselines(rows: Sequence[dict[str, Any]]) -> None:
-  """Adds "vs_baseline" to each row whose case names a baseline run in the same table: its jax ms/step,
-  its compiled step's FLOPs and its torch ms/step, each divided by the baseline's."""
+  """Adds "vs_baseline" to each row whose case names a baseline: its jax ms/step, its compiled step's FLOPs
+  and its torch ms/step, each divided by the baseline's. Times come from the paired loops measured in the
+  row's own workers where there are some ("method": "paired"), else from the baseline's row in the same
+  table ("rows"); FLOPs from the paired worker or the baseline's row."""
   by_name = {row["case"]: row for row in rows}
   for row in rows:
-    base = by_name.get(row.get("baseline"))
-    if base is None:
+    if not row.get("baseline"):
       continue
-    ratio = lambda side, key: (round(row[side][key] / base[side][key], 3)
-                               if row.get(side, {}).get("status") == "ok" and base.get(side, {}).get("status") == "ok"
-                               and row[side].get(key) and base[side].get(key) else None)
-    row["vs_baseline"] = {"case": base["case"], "jax_time": ratio("jax", "ms_per_step"),
-                          "jax_flops": ratio("jax", "flops_per_step"), "torch_time": ratio("torch", "ms_per_step")}
+    base = by_name.get(row["baseline"], {})
+    ok = lambda r, side: r.get(side, {}).get("status") == "ok"
+
+    def ratio(side, key):
+      if not ok(row, side):
+        return None
+      paired = row[side].get("paired")
+      if paired and key == "ms_per_step":
+        return paired["ratio"]
+      if paired and key == "flops_per_step" and paired.get("baseline_flops_per_step") and row[side].get(key):
+        return round(row[side][key] / paired["baseline_flops_per_step"], 3)
+      if ok(base, side) and row[side].get(key) and base[side].get(key):
+        return round(row[side][key] / base[side][key], 3)
+      return None
+
+    vs = {"case": row["baseline"], "jax_time": ratio("jax", "ms_per_step"),
+          "jax_flops": ratio("jax", "flops_per_step"), "torch_time": ratio("torch", "ms_per_step"),
+          "method": "paired" if any(ok(row, s) and row[s].get("paired") for s in ("jax", "torch")) else "rows"}
+    if vs["method"] == "rows" and not base:
+      continue  # neither paired loops nor the baseline's row: nothing to compare with
+    row["vs_baseline"] = vs
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -1006,7 +1085,8 @@ def _vs(row: dict[str, Any]) -> str:
   vs = row.get("vs_baseline")
   if not vs:
     return "—"
-  return " / ".join(_fmt(vs[k], 2) for k in ("jax_time", "jax_flops", "torch_time")) + f" ({vs['case']})"
+  how = ", paired" if vs.get("method") == "paired" else ""
+  return " / ".join(_fmt(vs[k], 2) for k in ("jax_time", "jax_flops", "torch_time")) + f" ({vs['case']}{how})"
 
 
 def _short_measure(measure: str) -> str:
@@ -1039,6 +1119,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="bfloat16: mixed precision on both sides (kd_jax compute_dtype, torch.autocast)")
+  p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=Settings.paired,
+                 help="time a case with a baseline (the online cases) against its baseline in the same worker, "
+                      "alternating loops (--no-paired: compare with the baseline's row only)")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per side of a case")
   p.add_argument("--inprocess", action="store_true", help="run both sides in this process (debugging; "
                  "peak memory then mixes both frameworks)")
@@ -1067,7 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if unknown:
     raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
   settings = Settings(steps=args.steps, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny, seed=args.seed,
-                      dtype=args.dtype)
+                      dtype=args.dtype, paired=args.paired)
   if args.worker:
     result = _worker(args.worker, names[0], settings)
     with open(args.result, "w") as f:

@@ -37,9 +37,38 @@ def test_baseline_ratios():
           _row("orphan", 1.0, 1.0, 1.0, baseline="not_in_this_run")]
   rows[0]["torch"] = {"status": "error", "reason": "boom"}
   benchmark.compare_baselines(rows)
-  assert rows[1]["vs_baseline"] == {"case": "independent", "jax_time": 1.3, "jax_flops": 1.33, "torch_time": None}
+  assert rows[1]["vs_baseline"] == {"case": "independent", "jax_time": 1.3, "jax_flops": 1.33, "torch_time": None,
+                                    "method": "rows"}
   assert "vs_baseline" not in rows[0] and "vs_baseline" not in rows[2]
   assert "| 1.30 / 1.33 / — (independent) |" in benchmark.table([{**rows[1], "batch": 64}])
+
+
+def test_paired_baseline_ratios_come_from_the_rows_own_workers():
+  row = _row("codistill", 130.0, 66.5e9, 88.0, baseline="independent")
+  row["jax"]["paired"] = {"baseline": "independent", "ratio": 1.05, "baseline_flops_per_step": 50e9}
+  row["torch"]["paired"] = {"baseline": "independent", "ratio": 1.2}
+  rows = [row, _row("independent", 200.0, 50e9, 80.0)]  # a slower baseline row, measured at another time
+  benchmark.compare_baselines(rows)
+  assert rows[0]["vs_baseline"] == {"case": "independent", "jax_time": 1.05, "jax_flops": 1.33, "torch_time": 1.2,
+                                    "method": "paired"}
+  benchmark.compare_baselines(rows[:1])  # the baseline's row need not be in the run
+  assert rows[0]["vs_baseline"]["jax_time"] == 1.05 and rows[0]["vs_baseline"]["jax_flops"] == 1.33
+  assert "| 1.05 / 1.33 / 1.20 (independent, paired) |" in benchmark.table([{**rows[0], "batch": 64}])
+
+
+def test_paired_loops_alternate_and_take_the_median_of_adjacent_ratios():
+  calls, speed = [], {"case": [3.0, 2.0, 3.3], "baseline": [1.5, 1.0, 1.1]}  # the machine slows down and back
+
+  def runner(name):
+    def run(steps):
+      calls.append(name)
+      return speed[name][sum(c == name for c in calls) - 1]
+    return run
+
+  out = benchmark.paired_loops(runner("case"), runner("baseline"), steps=1, repeats=3)
+  assert calls == ["case", "baseline", "baseline", "case", "case", "baseline"]
+  assert out["ratios"] == [2.0, 2.0, 3.0] and out["ratio"] == 2.0
+  assert out["ms_per_step_loops"] == [3000.0, 2000.0, 3300.0]
 
 
 def test_missing_features_are_named():
@@ -75,7 +104,7 @@ def tiny_run(tmp_path_factory):
 def test_hinton_mlp_tiny_end_to_end(tiny_run):
   data, printed = tiny_run
   assert data["meta"]["settings"] == {"steps": 2, "warmup": 2, "repeats": 1, "tiny": True, "seed": 0,
-                                      "dtype": "float32"}
+                                      "dtype": "float32", "paired": True}
   row = data["cases"][0]
   if row["status"] == "skipped":
     pytest.skip(row["reason"])
