@@ -294,23 +294,29 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
   first_compiles, first_traces = counter.reset()
   if settings.warmup > 1:
     runner.run(settings.warmup - 1)
+  pair = case.baseline if settings.paired else None
+  # Paired, the memory window is one loop of the case alone and the timed loops are the paired ones.
   memory.start_window()
-  loops = [runner.run(settings.steps) for _ in range(settings.repeats)]
+  loops = [runner.run(settings.steps) for _ in range(1 if pair else settings.repeats)]
   compiles, traces = counter.reset()
   peak, measure = memory.peak(jax.devices()[0])  # before the cost analysis below allocates anything
   flops = runner.flops()
   cost_compiles, _ = counter.reset()
+  paired = None
+  if pair:  # after every measurement above: the baseline's build is not in them
+    baseline = _JaxRunner(CASES[pair](settings.tiny).jax(), settings)
+    baseline.run(1)  # compiles
+    counter.reset()
+    paired = {"baseline": pair, **paired_loops(runner.run, baseline.run, steps=settings.steps,
+                                               repeats=settings.repeats),
+              "baseline_flops_per_step": baseline.flops()}
+    more_compiles, more_traces = counter.reset()
+    compiles, traces = compiles + more_compiles, traces + more_traces
+    loops = [ms / 1e3 for ms in paired["ms_per_step_loops"]]
   counter.close()
   device = jax.devices()[0]
   nonfinite = int(jax.device_get(runner.state.nonfinite_step))
   timing = _timing(loops, case.images_per_step)
-  paired = None
-  if case.baseline and settings.paired:  # after every measurement above: the baseline's build is not in them
-    baseline = _JaxRunner(CASES[case.baseline](settings.tiny).jax(), settings)
-    baseline.run(settings.warmup)
-    paired = {"baseline": case.baseline, **paired_loops(runner.run, baseline.run, steps=settings.steps,
-                                                        repeats=settings.repeats),
-              "baseline_flops_per_step": baseline.flops()}
   return {
       **timing,
       # XLA's count for the compiled step (per device program), and what the timed loops achieved.
@@ -591,8 +597,9 @@ def run_torch(case: Case, settings: Settings) -> dict[str, Any]:
     timed(ref, settings.warmup - 1)
   if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
+  pair = case.baseline if settings.paired else None
   memory.start_window()
-  loops = [timed(ref, settings.steps) for _ in range(settings.repeats)]
+  loops = [timed(ref, settings.steps) for _ in range(1 if pair else settings.repeats)]
   finite = bool(torch.isfinite(last["loss"]).item())
   if device.type == "cuda":
     peak, measure = torch.cuda.max_memory_allocated(device) / MIB, "torch.cuda.max_memory_allocated"
@@ -600,11 +607,12 @@ def run_torch(case: Case, settings: Settings) -> dict[str, Any]:
     peak, measure = memory.peak(None)
   name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
   paired = None
-  if case.baseline and settings.paired:
-    baseline = build(CASES[case.baseline](settings.tiny))
-    timed(baseline, settings.warmup)
-    paired = {"baseline": case.baseline, **paired_loops(lambda n: timed(ref, n), lambda n: timed(baseline, n),
-                                                        steps=settings.steps, repeats=settings.repeats)}
+  if pair:  # after the memory window: the baseline's model is not in it
+    baseline = build(CASES[pair](settings.tiny))
+    timed(baseline, 1)
+    paired = {"baseline": pair, **paired_loops(lambda n: timed(ref, n), lambda n: timed(baseline, n),
+                                               steps=settings.steps, repeats=settings.repeats)}
+    loops = [ms / 1e3 for ms in paired["ms_per_step_loops"]]
   return {
       **_timing(loops, case.images_per_step),
       "device": f"{device.type}: {name}" + (", channels_last" if ref.channels_last else ""),
@@ -760,7 +768,7 @@ def wrn_40_2_wrn_16_2_at(tiny: bool) -> Case:
   return _cifar_offline(tiny, teacher="wrn_40_2", student="wrn_16_2", tiny_models=("wrn_16_1", "wrn_16_1"),
                         terms={"ce": {"weight": 1.0}, "at": {"weight": 1000.0}}, torch_loss=torch_loss,
                         needs={"terms": ["ce", "at"], "losses": ["cross_entropy", "attention_transfer_loss"]},
-                        description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4", steps=2)
+                        description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4")
 
 
 # CRD's memory: one 128-d embedding per CIFAR training image and view, 16384 negatives per example.

@@ -178,6 +178,25 @@ def test_loop_costs_at_the_default_intervals():
 
 
 @pytest.mark.slow
+def test_an_online_case_times_its_baseline_paired_in_its_own_workers(tmp_path, monkeypatch):
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+  monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+  out = tmp_path / "paired.json"
+  benchmark.main(["--cases=codistill_predictions_resnet32_x2", "--tiny", "--steps=1", "--warmup=2", "--repeats=2",
+                  f"--json={out}"])
+  (row,) = json.loads(out.read_text())["cases"]
+  assert row["status"] == "ok", row
+  for side in ("jax", "torch"):
+    paired = row[side]["paired"]
+    assert paired["baseline"] == "independent_resnet32_x2"
+    assert len(paired["ms_per_step_loops"]) == len(paired["baseline_ms_per_step_loops"]) == 2
+    assert paired["ratio"] > 0
+  # Exchanging predictions costs the 2 runs' FLOPs (the baseline's count from the same worker).
+  assert row["vs_baseline"]["method"] == "paired" and row["vs_baseline"]["jax_flops"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.slow
 def test_bfloat16_runs_both_sides_in_mixed_precision(tiny_run, tmp_path):
   """--dtype=bfloat16: the same first loss as float32 on each side to bf16's precision, not bit-identical."""
   data, _ = tiny_run
