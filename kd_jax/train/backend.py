@@ -11,6 +11,11 @@ compiles its steps with convolutions left to Eigen, and everything else
 `XLA_FLAGS` (e.g. `--xla_cpu_experimental_ynn_fusion_type=+individual_convolution`
 to keep YNNPACK's convolutions) keeps that choice: nothing is overridden then.
 Other backends (GPU, TPU) get no options.
+
+On CPU `jit` takes one more measure for the same convolutions: their
+differentiated inputs are "held" (`hold`), so that the layout transposes
+feeding the weight gradients read stored activations instead of recomputing
+them; a resnet32 train step runs about 1.5x faster with it (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import logging
 import os
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,54 @@ def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
   return dict(CPU_OPTIONS) if _cpu_options_supported() else None
 
 
+# Whether `jit` holds the inputs of differentiated convolutions on CPU (see `hold`); a switch for
+# measuring it (experiments/benchmark.py figures are with it on).
+HOLD_CONV_INPUTS = True
+
+
+def hold(x: jax.Array) -> jax.Array:
+  """`x`, as a value XLA keeps in one buffer instead of recomputing it inside each consumer's fusion.
+
+  Why: XLA:CPU's weight-gradient convolution reads its input in another layout, through a transpose, and
+  fuses the elementwise work that produced that input (BatchNorm, residual add, ReLU) into the transpose
+  rather than reading the stored activation; such a fused transpose runs 5-10x slower than the plain one
+  (BENCHMARKS.md, "Profile"). `jax.lax.optimization_barrier` does not stop it (XLA:CPU removes barriers
+  before fusing); a conditional does: its result is one buffer. The predicate is a constant False that XLA
+  cannot see through (behind an optimisation barrier), so `hold(x)` is exactly `x`; the branch never taken
+  gives NaN, so a compiler that took it would not go unnoticed. The derivative is the same conditional over
+  the tangent (linear in it), so the cotangent is held too.
+  """
+  never = jax.lax.optimization_barrier(jnp.zeros((), bool))
+  return jax.lax.cond(never, lambda v: v * jnp.asarray(jnp.nan, v.dtype), lambda v: v, x)
+
+
+@jax.custom_jvp
+def hold_if_differentiated(x: jax.Array) -> jax.Array:
+  """`x`, held (`hold`) where it is differentiated: an inference forward (the teacher's) is left as is."""
+  return x
+
+
+@hold_if_differentiated.defjvp
+def _hold_if_differentiated_jvp(primals, tangents):
+  return hold(primals[0]), hold(tangents[0])
+
+
+def _hold_conv_inputs(next_fun, args, kwargs, context):
+  """A flax method interceptor: the input of every `nn.Conv` / `nn.ConvTranspose` call, held."""
+  if (isinstance(context.module, (nn.Conv, nn.ConvTranspose)) and context.method_name == "__call__"
+      and args and jnp.issubdtype(jnp.result_type(args[0]), jnp.inexact)):
+    args = (hold_if_differentiated(args[0]),) + tuple(args[1:])
+  return next_fun(*args, **kwargs)
+
+
 def jit(fun: Callable, **kwargs) -> Callable:
-  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()` for the default backend."""
+  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()` for the default backend; on CPU, flax
+  convolutions in `fun` have their differentiated inputs held (`hold`)."""
+  if jax.default_backend() == "cpu" and HOLD_CONV_INPUTS:
+    inner = fun
+
+    @functools.wraps(inner)
+    def fun(*args, **kw):
+      with nn.intercept_methods(_hold_conv_inputs):
+        return inner(*args, **kw)
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
