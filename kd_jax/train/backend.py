@@ -15,7 +15,7 @@ Other backends (GPU, TPU) get no options.
 On CPU `jit` takes one more measure for the same convolutions: their
 differentiated inputs are "held" (`hold`), so that the layout transposes
 feeding the weight gradients read stored activations instead of recomputing
-them; a resnet32 train step runs about 1.5x faster with it (BENCHMARKS.md).
+them; a resnet32 train step takes about 0.6-0.65x the time with it (BENCHMARKS.md).
 """
 from __future__ import annotations
 
