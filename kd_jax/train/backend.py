@@ -12,10 +12,13 @@ compiles its steps with convolutions left to Eigen, and everything else
 to keep YNNPACK's convolutions) keeps that choice: nothing is overridden then.
 Other backends (GPU, TPU) get no options.
 
-On CPU `jit` takes one more measure for the same convolutions: their
-differentiated inputs are "held" (`hold`), so that the layout transposes
-feeding the weight gradients read stored activations instead of recomputing
-them; a resnet32 train step takes about 0.6-0.65x the time with it (BENCHMARKS.md).
+On CPU `jit` takes one more measure for the same convolutions, "holding"
+values (`hold`) so that XLA does not fuse across them: a differentiated input,
+so that the layout transposes feeding the weight gradients read stored
+activations instead of recomputing them (a resnet32 train step takes about
+0.6-0.65x the time with it), and an inference forward's output, so that
+YNNPACK's reductions do not take the convolutions before them (resnet8x4's
+inference forward: 0.6x). Figures in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -57,9 +60,10 @@ def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
   return dict(CPU_OPTIONS) if _cpu_options_supported() else None
 
 
-# Whether `jit` holds the inputs of differentiated convolutions on CPU (see `hold`); a switch for
-# measuring it (experiments/benchmark.py figures are with it on).
+# Whether `jit` holds convolutions' inputs and outputs on CPU (`_hold_convolutions`); switches for
+# measuring them (experiments/benchmark.py figures are with both on).
 HOLD_CONV_INPUTS = True
+HOLD_CONV_OUTPUTS = True
 
 
 def hold(x: jax.Array) -> jax.Array:
@@ -89,22 +93,38 @@ def _hold_if_differentiated_jvp(primals, tangents):
   return hold(primals[0]), hold(tangents[0])
 
 
-def _hold_conv_inputs(next_fun, args, kwargs, context):
-  """A flax method interceptor: the input of every `nn.Conv` / `nn.ConvTranspose` call, held."""
-  if (isinstance(context.module, (nn.Conv, nn.ConvTranspose)) and context.method_name == "__call__"
-      and args and jnp.issubdtype(jnp.result_type(args[0]), jnp.inexact)):
-    args = (hold_if_differentiated(args[0]),) + tuple(args[1:])
-  return next_fun(*args, **kwargs)
+@jax.custom_jvp
+def hold_unless_differentiated(x: jax.Array) -> jax.Array:
+  """`x`, held (`hold`) where it is not differentiated (an inference forward), as is where it is."""
+  return hold(x)
+
+
+@hold_unless_differentiated.defjvp
+def _hold_unless_differentiated_jvp(primals, tangents):
+  return primals[0], tangents[0]
+
+
+def _hold_convolutions(next_fun, args, kwargs, context):
+  """A flax method interceptor for `nn.Conv` / `nn.ConvTranspose` calls: a differentiated input is held
+  (see `hold`), and so is the output of an inference forward: else XLA:CPU grows the YNNPACK fusion of the
+  global pooling's reduction and the classifier's dot back through the convolutions before them, onto
+  YNNPACK's convolutions (1.2-2x Eigen's time here; resnet8x4's inference forward 1.6x: BENCHMARKS.md)."""
+  if not (isinstance(context.module, (nn.Conv, nn.ConvTranspose)) and context.method_name == "__call__"
+          and args and jnp.issubdtype(jnp.result_type(args[0]), jnp.inexact)):
+    return next_fun(*args, **kwargs)
+  x = hold_if_differentiated(args[0]) if HOLD_CONV_INPUTS else args[0]
+  out = next_fun(x, *args[1:], **kwargs)
+  return hold_unless_differentiated(out) if HOLD_CONV_OUTPUTS else out
 
 
 def jit(fun: Callable, **kwargs) -> Callable:
-  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()` for the default backend; on CPU, flax
-  convolutions in `fun` have their differentiated inputs held (`hold`)."""
-  if jax.default_backend() == "cpu" and HOLD_CONV_INPUTS:
+  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()` for the default backend; on CPU, the
+  flax convolutions in `fun` held as `_hold_convolutions` says."""
+  if jax.default_backend() == "cpu" and (HOLD_CONV_INPUTS or HOLD_CONV_OUTPUTS):
     inner = fun
 
     @functools.wraps(inner)
     def fun(*args, **kw):
-      with nn.intercept_methods(_hold_conv_inputs):
+      with nn.intercept_methods(_hold_convolutions):
         return inner(*args, **kw)
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
