@@ -88,6 +88,7 @@ def test_hold_is_the_identity_with_the_identity_derivative():
     np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * w)))(x), w)
     np.testing.assert_array_equal(jax.jvp(fn, (x,), (w,))[1], w)
     np.testing.assert_array_equal(jax.vmap(fn)(x), x)
+    np.testing.assert_array_equal(jax.jit(fn)(jnp.arange(5)), np.arange(5))  # any dtype
   # Undifferentiated, `hold_if_differentiated` is left out and `hold_unless_differentiated` held; under grad
   # the other way round.
   compiled = lambda f: jax.jit(f).lower(x).compile().as_text().count(" conditional(")

@@ -75,11 +75,16 @@ def hold(x: jax.Array) -> jax.Array:
   (BENCHMARKS.md, "Profile"). `jax.lax.optimization_barrier` does not stop it (XLA:CPU removes barriers
   before fusing); a conditional does: its result is one buffer. The predicate is a constant False that XLA
   cannot see through (behind an optimisation barrier), so `hold(x)` is exactly `x`; the branch never taken
-  gives NaN, so a compiler that took it would not go unnoticed. The derivative is the same conditional over
+  gives NaN (zeros for integers), so a compiler that took it would not go unnoticed. The derivative is the same conditional over
   the tangent (linear in it), so the cotangent is held too.
   """
+  x = jnp.asarray(x)
   never = jax.lax.optimization_barrier(jnp.zeros((), bool))
-  return jax.lax.cond(never, lambda v: v * jnp.asarray(jnp.nan, v.dtype), lambda v: v, x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    untaken = lambda v: v * jnp.asarray(jnp.nan, v.dtype)
+  else:  # integers and booleans have no NaN (and no derivative)
+    untaken = jnp.zeros_like
+  return jax.lax.cond(never, untaken, lambda v: v, x)
 
 
 @jax.custom_jvp
@@ -109,8 +114,7 @@ def _hold_convolutions(next_fun, args, kwargs, context):
   (see `hold`), and so is the output of an inference forward: else XLA:CPU grows the YNNPACK fusion of the
   global pooling's reduction and the classifier's dot back through the convolutions before them, onto
   YNNPACK's convolutions (1.2-2x Eigen's time here; resnet8x4's inference forward 1.6x: BENCHMARKS.md)."""
-  if not (isinstance(context.module, (nn.Conv, nn.ConvTranspose)) and context.method_name == "__call__"
-          and args and jnp.issubdtype(jnp.result_type(args[0]), jnp.inexact)):
+  if not (isinstance(context.module, (nn.Conv, nn.ConvTranspose)) and context.method_name == "__call__" and args):
     return next_fun(*args, **kwargs)
   x = hold_if_differentiated(args[0]) if HOLD_CONV_INPUTS else args[0]
   out = next_fun(x, *args[1:], **kwargs)
