@@ -6,15 +6,11 @@ fixed random uint8 batch placed on device once; the PyTorch side
 (`third_party/torch_reference.py`) trains the same architectures on the same
 batch with the same optimizer and loss (torchdistill's losses where it has
 them). Each side runs in its own subprocess, so its peak-memory figure is its
-own; the two run at the same time but take turns (`Turns`): one works while the
-other waits, and their timed loops alternate, jax's i-th next to torch's i-th.
-Timing: `--warmup` steps (the first compiles), then `--repeats` timed loops of
-`--steps` steps each, synchronised only at the end of a loop
+own. Timing: `--warmup` steps (the first compiles), then `--repeats` timed
+loops of `--steps` steps each, synchronised only at the end of a loop
 (`jax.block_until_ready` / `torch.cuda.synchronize`); ms/step is the median
-loop, and the ratio jax/torch the median of the adjacent loops' ratios, so a
-machine whose speed drifts over minutes moves it little. `compiles` counts XLA
-compilations after the first step (warm-up and timed loops), from
-`jax.monitoring`'s backend-compile events: it must be 0.
+loop. `compiles` counts XLA compilations after the first step (warm-up and
+timed loops), from `jax.monitoring`'s backend-compile events: it must be 0.
 
   python -m experiments.benchmark                               # every case, table + benchmark.json
   python -m experiments.benchmark --cases=hinton_mlp,resnet32x4_resnet8x4_kd --steps=20 --json=/tmp/b.json
@@ -37,7 +33,6 @@ import os
 import pathlib
 import platform
 import resource
-import select
 import statistics
 import subprocess
 import sys
@@ -61,34 +56,6 @@ CRD_SGD = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay"
 
 class Skipped(Exception):
   """A case that cannot run here; the message says what it needs."""
-
-
-class Turns:
-  """A worker's turns at the machine while the other side's worker runs at the same time (`_spawn`).
-
-  `with turns("what"):` waits for the coordinator's go (a byte on the `go` pipe), runs the block and hands the
-  machine back (a byte on `done`); the coordinator gives the workers one turn each in order. A worker does all
-  of its work (building, compiling, every timed loop) inside turns, so the two never compete for the cores,
-  and its i-th timed loop runs right after the other side's i-th. `spans` keeps what each turn was and when
-  it ran (wall-clock seconds). Without pipes (`--inprocess`, or a worker started by hand) a turn starts at once.
-  """
-
-  def __init__(self, fds: str | None = None):
-    """fds: "GO,DONE", the file descriptors of the two pipes (the `--turns` argument of a worker)."""
-    self._go, self._done = (int(fd) for fd in fds.split(",")) if fds else (None, None)
-    self.spans: list[list[Any]] = []
-
-  @contextlib.contextmanager
-  def __call__(self, what: str):
-    if self._go is not None and os.read(self._go, 1) != b"g":
-      raise RuntimeError("the benchmark's coordinating process is gone")
-    start = time.time()
-    try:
-      yield
-    finally:
-      self.spans.append([what, round(start, 4), round(time.time(), 4)])
-      if self._done is not None:
-        os.write(self._done, b".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,71 +256,60 @@ class _JaxRunner:
 
 
 def paired_loops(run_case: Callable[[int], float], run_baseline: Callable[[int], float], *, steps: int,
-                 repeats: int, turns: Turns | None = None) -> dict[str, Any]:
+                 repeats: int) -> dict[str, Any]:
   """`repeats` timed loops of a case and of its baseline, alternating (case first in even rounds, the
   baseline first in odd ones), in one process: each round's ratio compares loops a few seconds apart, so a
   machine whose speed drifts between two rows (measured minutes apart) moves it much less. `ratio` is the
-  median of the rounds' ratios. Each round is one of the worker's `turns`."""
-  turns = turns or Turns()
+  median of the rounds' ratios."""
   case_loops, baseline_loops = [], []
   for r in range(repeats):
     order = [(case_loops, run_case), (baseline_loops, run_baseline)]
-    with turns("paired round"):
-      for loops, run in (order if r % 2 == 0 else order[::-1]):
-        loops.append(run(steps))
+    for loops, run in (order if r % 2 == 0 else order[::-1]):
+      loops.append(run(steps))
   ratios = [c / b for c, b in zip(case_loops, baseline_loops)]
   return {"ms_per_step_loops": [round(t * 1e3, 3) for t in case_loops],
           "baseline_ms_per_step_loops": [round(t * 1e3, 3) for t in baseline_loops],
           "ratios": [round(r, 4) for r in ratios], "ratio": round(statistics.median(ratios), 3)}
 
 
-def run_jax(case: Case, settings: Settings, turns: Turns | None = None) -> dict[str, Any]:
-  """Builds the engine step, runs warm-up and the timed loops; the jax half of a row. All of it in `turns`
-  (their sequence matches `run_torch`'s: build; each timed loop; the baseline's build; each paired round)."""
-  turns = turns or Turns()
-  with turns("build, compile, warm up"):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from kd_jax.train import backend
+def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
+  """Builds the engine step, runs warm-up and the timed loops; the jax half of a row."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from kd_jax.train import backend
 
-    counter = CompileCounter()
-    # The backend (client, thread pools) starts before the memory baseline: it is not the step's.
-    jax.block_until_ready(jnp.ones(8).sum())
-    memory = _Memory()
-    setup = case.jax()
-    runner = _JaxRunner(setup, settings)
-    note = setup.check_state(runner.state) if setup.check_state else ""
-    trained = int(sum(np.size(x) for x in jax.tree.leaves(runner.state.params)))
+  counter = CompileCounter()
+  # The backend (client, thread pools) starts before the memory baseline: it is not the step's.
+  jax.block_until_ready(jnp.ones(8).sum())
+  memory = _Memory()
+  setup = case.jax()
+  runner = _JaxRunner(setup, settings)
+  note = setup.check_state(runner.state) if setup.check_state else ""
+  trained = int(sum(np.size(x) for x in jax.tree.leaves(runner.state.params)))
 
-    counter.reset()
-    first_step_s = runner.run(1)
-    first_loss = float(runner.metrics["loss"])
-    first_compiles, first_traces = counter.reset()
-    if settings.warmup > 1:
-      runner.run(settings.warmup - 1)
+  counter.reset()
+  first_step_s = runner.run(1)
+  first_loss = float(runner.metrics["loss"])
+  first_compiles, first_traces = counter.reset()
+  if settings.warmup > 1:
+    runner.run(settings.warmup - 1)
   pair = case.baseline if settings.paired else None
   # Paired, the memory window is one loop of the case alone and the timed loops are the paired ones.
   memory.start_window()
-  loops = []
-  for _ in range(1 if pair else settings.repeats):
-    with turns("timed loop"):
-      loops.append(runner.run(settings.steps))
+  loops = [runner.run(settings.steps) for _ in range(1 if pair else settings.repeats)]
   compiles, traces = counter.reset()
+  peak, measure = memory.peak(jax.devices()[0])  # before the cost analysis below allocates anything
+  flops = runner.flops()
+  cost_compiles, _ = counter.reset()
   paired = None
-  with turns("cost analysis" + (", the baseline's build" if pair else "")):
-    peak, measure = memory.peak(jax.devices()[0])  # before the cost analysis below allocates anything
-    flops = runner.flops()
-    cost_compiles, _ = counter.reset()
-    if pair:  # after every measurement above: the baseline's build is not in them
-      baseline = _JaxRunner(CASES[pair](settings.tiny).jax(), settings)
-      baseline.run(1)  # compiles
-      counter.reset()
-  if pair:
+  if pair:  # after every measurement above: the baseline's build is not in them
+    baseline = _JaxRunner(CASES[pair](settings.tiny).jax(), settings)
+    baseline.run(1)  # compiles
+    counter.reset()
     paired = {"baseline": pair, **paired_loops(runner.run, baseline.run, steps=settings.steps,
-                                               repeats=settings.repeats, turns=turns)}
-    with turns("the baseline's cost analysis"):
-      paired["baseline_flops_per_step"] = baseline.flops()
+                                               repeats=settings.repeats),
+              "baseline_flops_per_step": baseline.flops()}
     more_compiles, more_traces = counter.reset()
     compiles, traces = compiles + more_compiles, traces + more_traces
     loops = [ms / 1e3 for ms in paired["ms_per_step_loops"]]
@@ -376,7 +332,6 @@ def run_jax(case: Case, settings: Settings, turns: Turns | None = None) -> dict[
       "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5),
       "nonfinite_step": nonfinite, "trained_params": trained, "note": note, "paired": paired,
       "compiler_options": backend.compiler_options(), "versions": {"jax": jax.__version__},
-      "turns": turns.spans,
   }
 
 
@@ -607,10 +562,24 @@ def _loop_runs(setup: LoopSetup, settings: Settings, timer: _LoopTimer, warmup: 
 # ----------------------------------------------------------------------------- the torch side
 
 
-def run_torch(case: Case, settings: Settings, turns: Turns | None = None) -> dict[str, Any]:
-  """Builds the PyTorch reference step, runs warm-up and the timed loops; the torch half of a row, in
-  `turns` as `run_jax`."""
-  turns = turns or Turns()
+def run_torch(case: Case, settings: Settings) -> dict[str, Any]:
+  """Builds the PyTorch reference step, runs warm-up and the timed loops; the torch half of a row."""
+  try:
+    import torch
+  except ImportError:
+    raise Skipped("skipped: torch not installed") from None
+  sys.path.insert(0, str(REPO))
+  from third_party import torch_reference
+
+  torch.manual_seed(settings.seed)
+  device = torch_reference.setup()
+  torch.ones(8, device=device).sum().item()  # start the runtime before the memory baseline
+  memory = _Memory()
+
+  def build(case: Case):
+    ref = case.torch()
+    return _autocast(ref, device, getattr(torch, settings.dtype)) if settings.dtype != "float32" else ref
+
   last = {}  # the loss tensor of the last step run
 
   def timed(ref, steps: int) -> float:
@@ -620,37 +589,17 @@ def run_torch(case: Case, settings: Settings, turns: Turns | None = None) -> dic
     ref.sync()  # the only sync of the loop (a no-op on CPU, where every op is synchronous)
     return (time.perf_counter() - start) / steps
 
-  with turns("build, warm up"):
-    try:
-      import torch
-    except ImportError:
-      raise Skipped("skipped: torch not installed") from None
-    sys.path.insert(0, str(REPO))
-    from third_party import torch_reference
-
-    torch.manual_seed(settings.seed)
-    device = torch_reference.setup()
-    torch.ones(8, device=device).sum().item()  # start the runtime before the memory baseline
-    memory = _Memory()
-
-    def build(case: Case):
-      ref = case.torch()
-      return _autocast(ref, device, getattr(torch, settings.dtype)) if settings.dtype != "float32" else ref
-
-    ref = build(case)
-    start = time.perf_counter()
-    first_loss = float(ref.step())  # .item() syncs
-    first_step_s = time.perf_counter() - start
-    if settings.warmup > 1:
-      timed(ref, settings.warmup - 1)
-    if device.type == "cuda":
-      torch.cuda.reset_peak_memory_stats(device)
+  ref = build(case)
+  start = time.perf_counter()
+  first_loss = float(ref.step())  # .item() syncs
+  first_step_s = time.perf_counter() - start
+  if settings.warmup > 1:
+    timed(ref, settings.warmup - 1)
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
   pair = case.baseline if settings.paired else None
   memory.start_window()
-  loops = []
-  for _ in range(1 if pair else settings.repeats):
-    with turns("timed loop"):
-      loops.append(timed(ref, settings.steps))
+  loops = [timed(ref, settings.steps) for _ in range(1 if pair else settings.repeats)]
   finite = bool(torch.isfinite(last["loss"]).item())
   if device.type == "cuda":
     peak, measure = torch.cuda.max_memory_allocated(device) / MIB, "torch.cuda.max_memory_allocated"
@@ -659,11 +608,10 @@ def run_torch(case: Case, settings: Settings, turns: Turns | None = None) -> dic
   name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
   paired = None
   if pair:  # after the memory window: the baseline's model is not in it
-    with turns("the baseline's build"):
-      baseline = build(CASES[pair](settings.tiny))
-      timed(baseline, 1)
+    baseline = build(CASES[pair](settings.tiny))
+    timed(baseline, 1)
     paired = {"baseline": pair, **paired_loops(lambda n: timed(ref, n), lambda n: timed(baseline, n),
-                                               steps=settings.steps, repeats=settings.repeats, turns=turns)}
+                                               steps=settings.steps, repeats=settings.repeats)}
     loops = [ms / 1e3 for ms in paired["ms_per_step_loops"]]
   return {
       **_timing(loops, case.images_per_step),
@@ -671,7 +619,7 @@ def run_torch(case: Case, settings: Settings, turns: Turns | None = None) -> dic
       "peak_mib": round(peak, 1), "memory_measure": measure,
       "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5), "finite": finite,
       "trained_params": ref.trained_params, "paired": paired, "versions": {"torch": torch.__version__},
-      "loss_source": torch_reference.loss_source(), "turns": turns.spans,
+      "loss_source": torch_reference.loss_source(),
   }
 
 
@@ -994,19 +942,17 @@ def _autocast(ref, device, dtype):
   return dataclasses.replace(ref, step=step)
 
 
-def _worker(side: str, name: str, settings: Settings, turns: Turns | None = None) -> dict[str, Any]:
+def _worker(side: str, name: str, settings: Settings) -> dict[str, Any]:
   """One side of one case, in this process; never raises (a failure is the row's status)."""
-  turns = turns or Turns()
   try:
     case = CASES[name](settings.tiny)
     settings = dataclasses.replace(settings, steps=settings.steps or case.steps)
     if case.kind == "loop":
       if side != "jax":
         raise Skipped("skipped: the train-loop case is kd_jax only")
-      with turns("train loop runs"):
-        result = run_jax_loop(case, settings)
+      result = run_jax_loop(case, settings)
     else:
-      result = (run_jax if side == "jax" else run_torch)(case, settings, turns)
+      result = (run_jax if side == "jax" else run_torch)(case, settings)
     return {"status": "ok", **result}
   except Skipped as e:
     return {"status": "skipped", "reason": str(e)}
@@ -1037,97 +983,24 @@ def _shared_compilation_cache():
         del os.environ[key]
 
 
-@dataclasses.dataclass
-class _Spawned:
-  proc: subprocess.Popen
-  go: int  # the write end of the worker's go pipe
-  done: int  # the read end of its done pipe
-  result: str  # where it writes its result
-  log: Any  # its stdout and stderr
-
-
-def _spawn(sides: Sequence[str], name: str, settings: Settings, timeout: float) -> dict[str, dict[str, Any]]:
-  """Runs `_worker` for each side in a fresh interpreter (its own peak memory, no state shared with the other
-  side), all at once, taking `Turns`: this process gives each live worker a turn in the order of `sides` until
-  all have exited. A worker that fails or is skipped ends its turns; when jax's half is skipped, the others are
-  stopped (a torch half alone would make no comparison). timeout: seconds per side, for all sides together."""
-  workers: dict[str, _Spawned] = {}
+def _spawn(side: str, name: str, settings: Settings, timeout: float) -> dict[str, Any]:
+  """Runs `_worker` in a fresh interpreter (its own peak memory, no state shared with the other side)."""
   with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "result.json")
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", side, "--cases", name,
+           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
+           "--seed", str(settings.seed), "--dtype", settings.dtype, "--result", out,
+           "--paired" if settings.paired else "--no-paired"] + (["--tiny"] if settings.tiny else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
-      for side in sides:
-        out = os.path.join(tmp, f"{side}.json")
-        workers[side] = _start_worker(
-            [sys.executable, "-m", "experiments.benchmark", "--worker", side, "--cases", name,
-             "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
-             "--seed", str(settings.seed), "--dtype", settings.dtype, "--result", out,
-             "--paired" if settings.paired else "--no-paired"] + (["--tiny"] if settings.tiny else []),
-            result=out, log=os.path.join(tmp, f"{side}.log"))
-      timed_out = _take_turns(workers, deadline=time.monotonic() + timeout * len(sides))
-      return {side: ({"status": "error", "reason": f"timed out after {timeout * len(sides):.0f} s"}
-                     if side in timed_out else _spawned_result(w)) for side, w in workers.items()}
-    finally:
-      _stop_workers(workers)
-
-
-def _start_worker(cmd: list[str], *, result: str, log: str) -> _Spawned:
-  """Starts `cmd` + `--turns GO,DONE` (the worker's ends of two new pipes; see `Turns`) in the repository."""
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-  go_read, go_write = os.pipe()
-  done_read, done_write = os.pipe()
-  log_file = open(log, "w+")
-  proc = subprocess.Popen(cmd + ["--turns", f"{go_read},{done_write}"], cwd=REPO, env=env, stdout=log_file,
-                          stderr=subprocess.STDOUT, pass_fds=(go_read, done_write))
-  os.close(go_read)
-  os.close(done_write)
-  return _Spawned(proc, go_write, done_read, result, log_file)
-
-
-def _stop_workers(workers: dict[str, _Spawned]) -> None:
-  for w in workers.values():
-    if w.proc.poll() is None:
-      w.proc.kill()
-    w.proc.wait()
-    for fd in (w.go, w.done):
-      os.close(fd)
-    w.log.close()
-
-
-def _take_turns(workers: dict[str, _Spawned], deadline: float) -> set[str]:
-  """Gives the workers turns, one at a time, until all have exited; returns the sides stopped at `deadline`."""
-  live = list(workers)
-  while live:
-    for side in list(live):
-      w = workers[side]
-      try:
-        os.write(w.go, b"g")
-        ready, _, _ = select.select([w.done], [], [], max(deadline - time.monotonic(), 0.0))
-      except BrokenPipeError:  # it exited without taking the turn
-        ready = None
-      if ready == []:  # the turn outlived the deadline: stop every worker still running
-        for other in live:
-          workers[other].proc.kill()
-        return set(live)
-      if not ready or not os.read(w.done, 1):  # exited: no more turns for it
-        live.remove(side)
-        w.proc.wait()
-        if side == "jax" and _spawned_result(w).get("status") == "skipped":
-          for other in live:
-            workers[other].proc.kill()
-          return set()
-  return set()
-
-
-def _spawned_result(w: _Spawned) -> dict[str, Any]:
-  if w.proc.poll() is None:
-    w.proc.wait()
-  if w.proc.returncode or not os.path.exists(w.result):
-    w.log.seek(0)
-    tail = w.log.read().strip().splitlines()[-5:]
-    if w.proc.returncode and w.proc.returncode < 0 and not tail:
-      tail = ["stopped"]
-    return {"status": "error", "reason": f"worker exited with {w.proc.returncode}: " + " | ".join(tail)}
-  with open(w.result) as f:
-    return json.load(f)
+      proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    if proc.returncode or not os.path.exists(out):
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+      return {"status": "error", "reason": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+    with open(out) as f:
+      return json.load(f)
 
 
 def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "torch"), isolate: bool = True,
@@ -1146,16 +1019,14 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
     if not sides:
       return {**row, "status": "skipped", "reason": "skipped: the train-loop case is kd_jax only"}
   if isolate:
-    results = _spawn(sides, name, settings, timeout)
-  else:  # one after the other in this process
-    results = {}
-    for side in sides:
-      results[side] = _worker(side, name, settings)
-      if side == "jax" and results[side]["status"] == "skipped":
-        break  # the torch half alone would not make a comparison
+    run = lambda side: _spawn(side, name, settings, timeout)
+  else:
+    run = lambda side: _worker(side, name, settings)
   for side in sides:
-    if side in results and not (side != "jax" and results.get("jax", {}).get("status") == "skipped"):
-      row[side] = results[side]
+    result = run(side)
+    row[side] = result
+    if side == "jax" and result["status"] == "skipped":
+      break  # the torch half alone would not make a comparison
   statuses = {side: row[side]["status"] for side in sides if side in row}
   bad = [s for s in sides if s in row and statuses[s] != "ok"]
   row["status"] = "ok" if not bad else row[bad[0]]["status"]
@@ -1172,13 +1043,7 @@ def run_case(name: str, settings: Settings, *, sides: Sequence[str] = ("jax", "t
                      f"default intervals (metrics every {loop['defaults']['log_every_steps']}, a checkpoint every "
                      f"{loop['defaults']['checkpoint_every_steps']} steps) ratio {loop['ratio_at_defaults']:.3f}")
   if statuses.get("jax") == "ok" and statuses.get("torch") == "ok":
-    jax_loops, torch_loops = row["jax"]["ms_per_step_loops"], row["torch"]["ms_per_step_loops"]
-    if isolate and len(jax_loops) == len(torch_loops):  # taken in turns: the i-th loops ran next to each other
-      row["ratios"] = [round(j / t, 4) for j, t in zip(jax_loops, torch_loops)]
-      row["ratio"], row["ratio_method"] = round(statistics.median(row["ratios"]), 3), "adjacent loops"
-    else:
-      row["ratio"] = round(row["jax"]["ms_per_step"] / row["torch"]["ms_per_step"], 3)
-      row["ratio_method"] = "medians"
+    row["ratio"] = round(row["jax"]["ms_per_step"] / row["torch"]["ms_per_step"], 3)
     if row["jax"]["trained_params"] != row["torch"]["trained_params"]:
       row["reason"] = (f"trained parameters differ: jax {row['jax']['trained_params']}, "
                        f"torch {row['torch']['trained_params']}")
@@ -1294,7 +1159,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--list", action="store_true", help="print the cases and exit")
   p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   p.add_argument("--result", help=argparse.SUPPRESS)
-  p.add_argument("--turns", help=argparse.SUPPRESS)  # a worker's "GO,DONE" pipe descriptors (`Turns`)
   args = p.parse_args(argv)
   if (args.steps is not None and args.steps < 1) or args.warmup < 1 or args.repeats < 1:
     p.error("--steps, --warmup and --repeats must be >= 1 (the first warm-up step compiles)")
@@ -1319,7 +1183,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   settings = Settings(steps=args.steps, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny, seed=args.seed,
                       dtype=args.dtype, paired=args.paired)
   if args.worker:
-    result = _worker(args.worker, names[0], settings, Turns(args.turns))
+    result = _worker(args.worker, names[0], settings)
     with open(args.result, "w") as f:
       json.dump(result, f, indent=2)
     return [result]

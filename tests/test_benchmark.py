@@ -1,8 +1,6 @@
 """The benchmark harness (experiments/benchmark.py): a tiny case end to end, its fields, no recompilation."""
 import json
 import os
-import sys
-import time
 
 import pytest
 
@@ -75,60 +73,6 @@ def test_paired_loops_alternate_and_take_the_median_of_adjacent_ratios():
   assert out["ms_per_step_loops"] == [3000.0, 2000.0, 3300.0]
 
 
-# A worker of `_take_turns`' tests: takes N turns of PAUSE seconds each, then writes its turns' spans to OUT.
-FAKE_WORKER = """
-import json, sys, time
-from experiments.benchmark import Turns
-turns, (n, pause, out) = Turns(sys.argv[-1]), sys.argv[1:4]
-for i in range(int(n)):
-  with turns(f"{out[-6]}{i}"):
-    time.sleep(float(pause))
-with open(out, "w") as f:
-  json.dump({"status": "ok", "turns": turns.spans}, f)
-"""
-
-
-def test_workers_take_turns_one_at_a_time_until_each_has_exited(tmp_path):
-  def start(name, n, pause):
-    out = str(tmp_path / f"{name}.json")
-    return benchmark._start_worker([sys.executable, "-c", FAKE_WORKER, str(n), str(pause), out], result=out,
-                                   log=str(tmp_path / f"{name}.log"))
-
-  workers = {"a": start("a", 3, 0.1), "b": start("b", 2, 0.1)}
-  try:
-    assert benchmark._take_turns(workers, deadline=time.monotonic() + 60) == set()
-    spans = [s for w in workers.values() for s in benchmark._spawned_result(w)["turns"]]
-  finally:
-    benchmark._stop_workers(workers)
-  spans.sort(key=lambda s: s[1])
-  assert [s[0] for s in spans] == ["a0", "b0", "a1", "b1", "a2"]  # in turn, a's extra turn last
-  assert all(before[2] <= after[1] for before, after in zip(spans, spans[1:]))  # never two at once
-  # A turn that outlives the deadline stops every worker still running.
-  workers = {"a": start("a", 1, 60), "b": start("b", 1, 0)}
-  try:
-    began = time.monotonic()
-    assert benchmark._take_turns(workers, deadline=time.monotonic() + 3) == {"a", "b"}
-    assert time.monotonic() - began < 30
-    assert workers["a"].proc.wait(timeout=30) != 0
-  finally:
-    benchmark._stop_workers(workers)
-
-
-def test_the_ratio_is_the_median_of_adjacent_loops(monkeypatch):
-  # The machine slows down for the second pair of loops and speeds up for the third: the median of the
-  # adjacent loops' ratios is 2.0, the ratio of the two medians would be 3 / 1.1.
-  loops = {"jax": [3.0, 2.0, 3.3], "torch": [1.5, 1.0, 1.1]}
-  results = {side: {"status": "ok", "ms_per_step": sorted(ms)[1], "ms_per_step_loops": ms, "trained_params": 1}
-             for side, ms in loops.items()}
-  monkeypatch.setattr(benchmark, "_spawn", lambda sides, *args: {side: results[side] for side in sides})
-  row = benchmark.run_case("hinton_mlp", benchmark.Settings(steps=1, repeats=3))
-  assert (row["ratios"], row["ratio"], row["ratio_method"]) == ([2.0, 2.0, 3.0], 2.0, "adjacent loops")
-  # Not taken in turns (one process, one side after the other): the ratio of the medians.
-  monkeypatch.setattr(benchmark, "_worker", lambda side, *args: results[side])
-  row = benchmark.run_case("hinton_mlp", benchmark.Settings(steps=1, repeats=3), isolate=False)
-  assert (row["ratio"], row["ratio_method"]) == (round(3.0 / 1.1, 3), "medians") and "ratios" not in row
-
-
 def test_missing_features_are_named():
   with pytest.raises(benchmark.Skipped, match="^skipped: model no_such_net not available$"):
     benchmark.require(models=["no_such_net"])
@@ -176,12 +120,6 @@ def test_hinton_mlp_tiny_end_to_end(tiny_run):
     assert isinstance(result["peak_mib"], float) and result["memory_measure"]
     assert result["device"].startswith(("cpu", "gpu", "cuda", "tpu"))
   assert row["ratio"] == pytest.approx(row["jax"]["ms_per_step"] / row["torch"]["ms_per_step"], rel=0.01, abs=1e-3)
-  # The two workers took turns: never both at once, the timed loops next to each other.
-  assert row["ratio_method"] == "adjacent loops"
-  spans = sorted(([side] + span for side in ("jax", "torch") for span in row[side]["turns"]), key=lambda s: s[2])
-  assert all(before[3] <= after[2] for before, after in zip(spans, spans[1:]))
-  assert [(s[0], s[1]) for s in spans] == [("jax", "build, compile, warm up"), ("torch", "build, warm up"),
-                                           ("jax", "timed loop"), ("torch", "timed loop"), ("jax", "cost analysis")]
   # Same architectures on both sides, finite losses.
   assert row["jax"]["trained_params"] == row["torch"]["trained_params"]
   assert row["jax"]["nonfinite_step"] == -1 and row["torch"]["finite"]
