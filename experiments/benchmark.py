@@ -52,6 +52,32 @@ MNIST = {"scale": 1.0 / 255.0, "mean": (0.0,), "std": (1.0,)}
 CIFAR100 = {"scale": 1.0 / 255.0, "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762)}
 # The CRD recipe (Tian et al. 2020): SGD 0.05, momentum 0.9, weight decay 5e-4.
 CRD_SGD = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+IMAGENET = {"scale": 1.0 / 255.0, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+# The ImageNet ResNet recipe (He et al. 2016): SGD 0.1 at batch 256, momentum 0.9, weight decay 1e-4.
+IMAGENET_SGD = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+
+# Peak dense FLOP/s per chip for the MFU column, from the vendors' datasheets: {device-kind substring:
+# {compute dtype: FLOP/s}}; float32 on NVIDIA is TF32 (what XLA's and cuDNN's default float32 convolutions
+# use). The first matching substring wins; `--peak-tflops` overrides (e.g. a chip not listed here).
+PEAK_FLOPS = {
+    "H100 PCIe": {"bfloat16": 756e12, "float32": 378e12},
+    "H100": {"bfloat16": 989e12, "float32": 495e12},  # SXM
+    "H200": {"bfloat16": 989e12, "float32": 495e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "TPU v4": {"bfloat16": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12},
+    "TPU v5p": {"bfloat16": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12},
+}
+
+
+def peak_flops(device: str, dtype: str) -> float | None:
+  """The chip's peak FLOP/s for `dtype` compute from `PEAK_FLOPS`, by the device description; None if unknown
+  (CPUs among them)."""
+  for kind, peaks in PEAK_FLOPS.items():
+    if kind in device:
+      return peaks.get(dtype)
+  return None
 
 
 class Skipped(Exception):
@@ -324,7 +350,7 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
       "cost_analysis_compiles": cost_compiles,
       "device": (f"cpu: {jax.device_count()} device(s), {os.cpu_count()} cores" if device.platform == "cpu"
                  else f"{device.platform}: {jax.device_count()} x {device.device_kind}"),
-      "peak_mib": peak, "memory_measure": measure,
+      "devices": jax.device_count(), "peak_mib": peak, "memory_measure": measure,
       # A first step that registered no compilation means the listener saw nothing: no count then.
       "compiles": compiles if first_compiles else None, "traces": traces if first_compiles else None,
       "compiles_first_step": first_compiles, "traces_first_step": first_traces,
@@ -715,45 +741,70 @@ def hinton_mlp(tiny: bool) -> Case:
               steps=50)
 
 
-def _cifar_offline(tiny: bool, *, teacher: str, student: str, tiny_models: tuple[str, str], terms: dict[str, Any],
+def _offline(tiny: bool, *, teacher: str, student: str, tiny_models: tuple[str, str], terms: dict[str, Any],
                    torch_loss: Callable[[], Callable], needs: dict[str, Any], description: str,
-                   check_state=None, num_train: int = 50000, steps: int = 1) -> Case:
-  """A CIFAR-100 teacher -> student case with the CRD recipe's SGD; B = 64 (16 when tiny)."""
-  b, shape, classes = (16 if tiny else 64), (32, 32, 3), 100
+                   check_state=None, num_train: int = 50000, steps: int = 1, batch: int = 64,
+                   shape: tuple[int, ...] = (32, 32, 3), classes: int = 100, normalize: dict[str, Any] = CIFAR100,
+                   optimizer: dict[str, Any] = CRD_SGD, default: bool = True) -> Case:
+  """A teacher -> student case on random images: by default CIFAR-100's, with the CRD recipe's SGD, B = 64;
+  16 examples of the tiny models at 32×32 when tiny."""
+  b = 16 if tiny else batch
+  shape = (32, 32, 3) if tiny else shape
   teacher, student = tiny_models if tiny else (teacher, student)
-  batch = lambda: random_batch(streams=1, batch=b, input_shape=shape, num_classes=classes, num_train=num_train)
+  data = lambda: random_batch(streams=1, batch=b, input_shape=shape, num_classes=classes, num_train=num_train)
 
   def build_jax():
     require(models=[teacher, student], **needs)
-    return jax_setup(student=student, teacher=teacher, num_classes=classes, terms=terms, optimizer=CRD_SGD,
-                     normalize=CIFAR100, batch=batch(), input_shape=shape, num_train=num_train,
+    return jax_setup(student=student, teacher=teacher, num_classes=classes, terms=terms, optimizer=optimizer,
+                     normalize=normalize, batch=data(), input_shape=shape, num_train=num_train,
                      check_state=check_state)
 
   def build_torch():
     from third_party import torch_reference as tr
     s, t = _torch_models((student, {}), (teacher, {}), num_classes=classes)
     loss_fn, extra = torch_loss()
-    data = batch()
-    return tr.offline_step(student=s, teacher=t, images=data["image"][0], labels=data["label"][0],
-                           index=data["index"][0], optimizer=CRD_SGD, normalize=CIFAR100, channels_last=True,
+    d = data()
+    return tr.offline_step(student=s, teacher=t, images=d["image"][0], labels=d["label"][0],
+                           index=d["index"][0], optimizer=optimizer, normalize=normalize, channels_last=True,
                            loss_fn=loss_fn, extra=extra)
 
-  return Case(f"{teacher} -> {student}, {description}", b, b, build_jax, build_torch, steps=steps)
+  return Case(f"{teacher} -> {student}, {description}", b, b, build_jax, build_torch, steps=steps,
+              default=default)
+
+
+def _kd_loss(ce: float, kd: float, temperature: float):
+  """The torch side's loss of a CE + KD case (torchdistill's KDLoss where installed)."""
+
+  def torch_loss():
+    from third_party import torch_reference as tr
+    kd_fn = tr.make_kd_loss(ce_weight=ce, kd_weight=kd, temperature=temperature)
+    return (lambda so, to, y, i, extra: kd_fn(so[0], to[0], y)), None
+
+  return torch_loss
 
 
 @register("resnet32x4_resnet8x4_kd")
 def resnet32x4_resnet8x4_kd(tiny: bool) -> Case:
   """CRD's CIFAR-100 KD row: 0.1 CE + 0.9 KD at T=4; student BN in train mode, teacher in eval mode."""
+  return _offline(tiny, teacher="resnet32x4", student="resnet8x4", tiny_models=("resnet8", "resnet8"),
+                  terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
+                  torch_loss=_kd_loss(0.1, 0.9, 4.0),
+                  needs={"terms": ["ce", "kd"], "losses": ["cross_entropy", "kd_loss"]},
+                  description="0.1 CE + 0.9 KD (T=4), SGD 0.05 m0.9 wd5e-4")
 
-  def torch_loss():
-    from third_party import torch_reference as tr
-    kd_fn = tr.make_kd_loss(ce_weight=0.1, kd_weight=0.9, temperature=4.0)
-    return (lambda so, to, y, i, extra: kd_fn(so[0], to[0], y)), None
 
-  return _cifar_offline(tiny, teacher="resnet32x4", student="resnet8x4", tiny_models=("resnet8", "resnet8"),
-                        terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
-                        torch_loss=torch_loss, needs={"terms": ["ce", "kd"], "losses": ["cross_entropy", "kd_loss"]},
-                        description="0.1 CE + 0.9 KD (T=4), SGD 0.05 m0.9 wd5e-4")
+@register("resnet34_resnet18_kd_224")
+def resnet34_resnet18_kd_224(tiny: bool) -> Case:
+  """ImageNet-sized KD, the accelerator case (images/s and MFU): torchvision's resnet34 -> resnet18 at
+  224×224, 1,000 classes, B = 256, 0.5 CE + 0.5 KD at T=1, the ImageNet SGD recipe. Not in the default run
+  (4.3 TFLOP a step by XLA's count: 40 s on 2 CPU cores); run it with --dtype=bfloat16 on a GPU or TPU."""
+  return _offline(tiny, teacher="resnet34", student="resnet18", tiny_models=("resnet18", "resnet18"),
+                  terms={"ce": {"weight": 0.5}, "kd": {"weight": 0.5, "temperature": 1.0}},
+                  torch_loss=_kd_loss(0.5, 0.5, 1.0),
+                  needs={"terms": ["ce", "kd"], "losses": ["cross_entropy", "kd_loss"]},
+                  description="0.5 CE + 0.5 KD (T=1), SGD 0.1 m0.9 wd1e-4, 224×224, 1,000 classes",
+                  num_train=1281167, steps=10, batch=256, shape=(224, 224, 3), classes=1000,
+                  normalize=IMAGENET, optimizer=IMAGENET_SGD, default=False)
 
 
 @register("wrn_40_2_wrn_16_2_at")
@@ -765,10 +816,10 @@ def wrn_40_2_wrn_16_2_at(tiny: bool) -> Case:
     at_fn = tr.make_at_loss(3)
     return (lambda so, to, y, i, extra: tr.F.cross_entropy(so[0], y) + 1000.0 * at_fn(so[1][1:4], to[1][1:4])), None
 
-  return _cifar_offline(tiny, teacher="wrn_40_2", student="wrn_16_2", tiny_models=("wrn_16_1", "wrn_16_1"),
-                        terms={"ce": {"weight": 1.0}, "at": {"weight": 1000.0}}, torch_loss=torch_loss,
-                        needs={"terms": ["ce", "at"], "losses": ["cross_entropy", "attention_transfer_loss"]},
-                        description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4")
+  return _offline(tiny, teacher="wrn_40_2", student="wrn_16_2", tiny_models=("wrn_16_1", "wrn_16_1"),
+                  terms={"ce": {"weight": 1.0}, "at": {"weight": 1000.0}}, torch_loss=torch_loss,
+                  needs={"terms": ["ce", "at"], "losses": ["cross_entropy", "attention_transfer_loss"]},
+                  description="CE + 1000 AT (stages 1-3, p=2), SGD 0.05 m0.9 wd5e-4")
 
 
 # CRD's memory: one 128-d embedding per CIFAR training image and view, 16384 negatives per example.
@@ -803,10 +854,10 @@ def resnet32x4_resnet8x4_crd(tiny: bool) -> Case:
                       num_negatives=bank["num_negatives"], temperature=bank["temperature"], momentum=bank["momentum"])
     return (lambda so, to, y, i, extra: tr.F.cross_entropy(so[0], y) + 0.8 * extra(so[1][-1], to[1][-1], i)), head
 
-  return _cifar_offline(tiny, teacher="resnet32x4", student="resnet8x4", tiny_models=("resnet8", "resnet8"),
-                        terms={"ce": {"weight": 1.0}, "crd": {"weight": 0.8, **options}}, torch_loss=torch_loss,
-                        needs={"terms": ["ce", "crd"], "losses": ["cross_entropy", "crd_loss"]},
-                        description=f"CE + 0.8 CRD (bank {bank['num_data']}x{bank['dim']}, "
+  return _offline(tiny, teacher="resnet32x4", student="resnet8x4", tiny_models=("resnet8", "resnet8"),
+                  terms={"ce": {"weight": 1.0}, "crd": {"weight": 0.8, **options}}, torch_loss=torch_loss,
+                  needs={"terms": ["ce", "crd"], "losses": ["cross_entropy", "crd_loss"]},
+                  description=f"CE + 0.8 CRD (bank {bank['num_data']}x{bank['dim']}, "
                                     f"{bank['num_negatives']} negatives), SGD 0.05 m0.9 wd5e-4",
                         check_state=_crd_bank_note(bank), num_train=bank["num_data"])
 
@@ -1082,6 +1133,23 @@ def compare_baselines(rows: Sequence[dict[str, Any]]) -> None:
     row["vs_baseline"] = vs
 
 
+def add_mfu(rows: Sequence[dict[str, Any]], dtype: str, peak_tflops: float | None = None) -> None:
+  """Adds "mfu" to each row whose jax side has a FLOP count and whose chip's peak is known (`peak_flops`, or
+  `peak_tflops` given): model FLOP utilisation, XLA's FLOPs of the step per device / (seconds per step × the
+  chip's peak for `dtype`). The PyTorch step does the same model FLOPs, on one device."""
+  for row in rows:
+    jx, th = row.get("jax", {}), row.get("torch", {})
+    flops = jx.get("flops_per_step") if jx.get("status") == "ok" else None
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(jx.get("device", ""), dtype) if flops else None
+    if not flops or not peak:
+      continue
+    mfu = {"peak_flops": peak, "peak_source": "--peak-tflops" if peak_tflops else "PEAK_FLOPS",
+           "jax": round(flops / (jx["ms_per_step"] / 1e3) / peak, 4), "torch": None}
+    if th.get("status") == "ok":
+      mfu["torch"] = round(flops * jx.get("devices", 1) / (th["ms_per_step"] / 1e3) / peak, 4)
+    row["mfu"] = mfu
+
+
 def _fmt(value, digits: int = 1) -> str:
   return "—" if value is None else f"{value:,.{digits}f}"
 
@@ -1089,8 +1157,8 @@ def _fmt(value, digits: int = 1) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
   """The markdown table of a run."""
   head = ("| case | batch | device (jax / torch) | jax ms/step | torch ms/step | ratio jax/torch | jax img/s "
-          "| torch img/s | jax GFLOP/step | vs baseline: jax time / jax FLOPs / torch time | jax peak MiB "
-          "| torch peak MiB | compiles | note |")
+          "| torch img/s | jax GFLOP/step | vs baseline: jax time / jax FLOPs / torch time | MFU jax / torch "
+          "| jax peak MiB | torch peak MiB | compiles | note |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for row in rows:
     jx, th = row.get("jax", {}), row.get("torch", {})
@@ -1106,7 +1174,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         _fmt(row.get("ratio"), 2), _fmt(jx.get("images_per_s"), 0) if ok_j else "—",
         _fmt(th.get("images_per_s"), 0) if ok_t else "—",
         _fmt(jx["flops_per_step"] / 1e9, 2) if ok_j and jx.get("flops_per_step") else "—", _vs(row),
-        mem(jx, ok_j), mem(th, ok_t),
+        _mfu(row.get("mfu")), mem(jx, ok_j), mem(th, ok_t),
         str(jx.get("compiles")) if ok_j else "—", row.get("reason") or "",
     ]) + " |")
   return "\n".join(lines)
@@ -1118,6 +1186,12 @@ def _vs(row: dict[str, Any]) -> str:
     return "—"
   how = ", paired" if vs.get("method") == "paired" else ""
   return " / ".join(_fmt(vs[k], 2) for k in ("jax_time", "jax_flops", "torch_time")) + f" ({vs['case']}{how})"
+
+
+def _mfu(mfu: dict[str, Any] | None) -> str:
+  if not mfu:
+    return "—"
+  return " / ".join("—" if mfu[side] is None else f"{mfu[side]:.1%}" for side in ("jax", "torch"))
 
 
 def _short_measure(measure: str) -> str:
@@ -1154,6 +1228,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="time a case with a baseline (the online cases) against its baseline in the same worker, "
                       "alternating loops (--no-paired: compare with the baseline's row only)")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per side of a case")
+  p.add_argument("--peak-tflops", type=float, default=None, help="the chip's peak TFLOP/s for the MFU column "
+                 "(default: benchmark.PEAK_FLOPS by the jax device's kind and --dtype; CPUs have none)")
   p.add_argument("--inprocess", action="store_true", help="run both sides in this process (debugging; "
                  "peak memory then mixes both frameworks)")
   p.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -1197,6 +1273,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       rows[-1]["wall_s"] = round(time.time() - start, 1)
       print(f"{name}: {rows[-1]['status']} ({rows[-1]['wall_s']} s) {rows[-1].get('reason', '')}", file=sys.stderr)
   compare_baselines(rows)
+  add_mfu(rows, settings.dtype, args.peak_tflops)
   meta["load_average_end"] = os.getloadavg()
   with open(args.json, "w") as f:
     json.dump({"meta": meta, "cases": rows}, f, indent=2)

@@ -10,13 +10,13 @@ from experiments import benchmark  # noqa: E402
 
 ISSUE_CASES = ("hinton_mlp", "resnet32x4_resnet8x4_kd", "wrn_40_2_wrn_16_2_at", "resnet32x4_resnet8x4_crd",
                "dml_resnet32_x2", "codistill_resnet32_x2", "codistill_predictions_resnet32_x2",
-               "independent_resnet32_x2", "loop_hinton_mlp")
+               "independent_resnet32_x2", "loop_hinton_mlp", "resnet34_resnet18_kd_224")
 
 
 def test_registry_holds_the_issue_cases():
   for name in ISSUE_CASES:
     case = benchmark.CASES[name](False)
-    assert case.batch == (128 if "hinton" in name else 64)
+    assert case.batch == (128 if "hinton" in name else 256 if "224" in name else 64)
     assert case.steps >= 1 and case.description
   # Both co-distillation modes (and DML) are compared with the 2 independent runs.
   for name in ("dml_resnet32_x2", "codistill_resnet32_x2", "codistill_predictions_resnet32_x2"):
@@ -24,8 +24,12 @@ def test_registry_holds_the_issue_cases():
   assert benchmark.CASES["loop_hinton_mlp"](False).kind == "loop"
   # The default run (no --cases) is the issue's cases; the 2 independent runs are timed inside each online
   # case's workers (paired), their own row and single_resnet32 run when named or with --cases=all.
+  # The ImageNet-sized case (for accelerators) runs when named too.
   assert {name for name, fn in benchmark.CASES.items() if fn(False).default} == set(ISSUE_CASES) - {
-      "independent_resnet32_x2"}
+      "independent_resnet32_x2", "resnet34_resnet18_kd_224"}
+  setup = benchmark.CASES["resnet34_resnet18_kd_224"](False).jax()
+  assert setup.batch["image"].shape == (1, 256, 224, 224, 3) and setup.input_shape == (224, 224, 3)
+  assert (setup.spec.student.num_classes, setup.spec.teacher.num_classes) == (1000, 1000)
 
 
 def _row(case, jax_ms, flops, torch_ms, baseline=None):
@@ -71,6 +75,23 @@ def test_paired_loops_alternate_and_take_the_median_of_adjacent_ratios():
   assert calls == ["case", "baseline", "baseline", "case", "case", "baseline"]
   assert out["ratios"] == [2.0, 2.0, 3.0] and out["ratio"] == 2.0
   assert out["ms_per_step_loops"] == [3000.0, 2000.0, 3300.0]
+
+
+def test_mfu_from_the_flop_count_and_the_chips_peak():
+  rows = [{"case": "gpu", "jax": {"status": "ok", "device": "gpu: 1 x NVIDIA H200", "devices": 1,
+                                  "flops_per_step": 1e12, "ms_per_step": 10.0},
+           "torch": {"status": "ok", "ms_per_step": 20.0}},
+          {"case": "cpu", "jax": {"status": "ok", "device": "cpu: 1 device(s), 2 cores", "devices": 1,
+                                  "flops_per_step": 1e12, "ms_per_step": 10.0}}]
+  benchmark.add_mfu(rows, "bfloat16")
+  # 1 TFLOP in 10 ms is 100 TFLOP/s: 10.1% of the H200's 989 bf16 TFLOP/s; PyTorch's 20 ms, half of it.
+  assert rows[0]["mfu"]["jax"] == pytest.approx(100 / 989, abs=1e-4)
+  assert rows[0]["mfu"]["torch"] == pytest.approx(50 / 989, abs=1e-4)
+  assert "mfu" not in rows[1]  # no peak for a CPU
+  assert "| 10.1% / 5.1% |" in benchmark.table([{**rows[0], "batch": 256}])
+  assert benchmark.peak_flops("gpu: 8 x NVIDIA H100 PCIe", "float32") == 378e12  # not the SXM's
+  benchmark.add_mfu(rows, "float32", peak_tflops=200.0)  # a given peak, any device
+  assert rows[1]["mfu"]["jax"] == 0.5 and rows[1]["mfu"]["peak_source"] == "--peak-tflops"
 
 
 def test_missing_features_are_named():
@@ -209,3 +230,20 @@ def test_bfloat16_runs_both_sides_in_mixed_precision(tiny_run, tmp_path):
   for side in ("jax", "torch"):
     assert bf16[side]["first_loss"] == pytest.approx(f32[side]["first_loss"], rel=2e-2)
   assert bf16["jax"]["first_loss"] != f32["jax"]["first_loss"]  # (torch's agrees to the 5 digits kept)
+
+
+@pytest.mark.slow
+def test_the_imagenet_case_runs_both_sides_on_the_same_models(tmp_path, monkeypatch):
+  """resnet34 -> resnet18's harness, shrunk (--tiny: resnet18 -> resnet18 at 32×32): torchvision's twin trains
+  as many parameters as kd_jax's zoo model, both losses finite, no MFU on a CPU."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+  monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+  out = tmp_path / "imagenet.json"
+  benchmark.main(["--cases=resnet34_resnet18_kd_224", "--tiny", "--steps=1", "--warmup=2", "--repeats=1",
+                  f"--json={out}"])
+  (row,) = json.loads(out.read_text())["cases"]
+  assert row["status"] == "ok", row
+  assert row["jax"]["trained_params"] == row["torch"]["trained_params"] == 11_689_512  # resnet18, 1,000 classes
+  assert row["jax"]["nonfinite_step"] == -1 and row["torch"]["finite"]
+  assert "mfu" not in row

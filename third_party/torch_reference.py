@@ -193,8 +193,33 @@ def create(name: str, *, num_classes: int, in_features: int = 784, **kwargs: Any
     return CifarResNet(*_CIFAR_RESNETS[name], num_classes=num_classes)
   if name in _WRNS:
     return WideResNet(*_WRNS[name], num_classes=num_classes)
+  if name in _IMAGENET_RESNETS:
+    return ImageNetResNet(name, num_classes=num_classes)
   raise ValueError(f"no PyTorch reference for model {name!r}; known: mlp, mlp_1200, mlp_800, "
-                   f"{', '.join(sorted(_CIFAR_RESNETS) + sorted(_WRNS))}")
+                   f"{', '.join(sorted(_CIFAR_RESNETS) + sorted(_WRNS) + list(_IMAGENET_RESNETS))}")
+
+
+_IMAGENET_RESNETS = ("resnet18", "resnet34", "resnet50")  # kd_jax's zoo holds them in torchvision's layout
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision's ImageNet ResNet of that name, returning (logits, [stem and stage outputs, pooled features])
+  like the other twins here."""
+
+  def __init__(self, name: str, *, num_classes: int):
+    super().__init__()
+    from third_party import torch_models
+    self.net = getattr(torch_models.torchvision_models(), name)(num_classes=num_classes)
+
+  def forward(self, x: torch.Tensor):
+    n = self.net
+    f0 = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+    f1 = n.layer1(f0)
+    f2 = n.layer2(f1)
+    f3 = n.layer3(f2)
+    f4 = n.layer4(f3)
+    pooled = torch.flatten(n.avgpool(f4), 1)
+    return n.fc(pooled), [f0, f1, f2, f3, f4, pooled]
 
 
 # ----------------------------------------------------------------------------- losses
