@@ -102,15 +102,26 @@ def test_missing_features_are_named():
     benchmark.require(terms=["no_such_term"], losses=["no_such_loss"])
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  """One harness run of the tiny hinton_mlp step case and its train-loop case (subprocess workers)."""
-  # The workers get one CPU device (the suite's 8 fake devices would only slow them down) and
-  # OpenMP threads that sleep rather than spin when the test machine is busy.
-  patch = pytest.MonkeyPatch()
+def _worker_env(patch: pytest.MonkeyPatch) -> None:
+  """The workers get one CPU device (the suite's 8 fake devices would only slow them down) and OpenMP
+  threads that sleep rather than spin when the test machine is busy."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
   patch.setenv("XLA_FLAGS", " ".join(flags))
   patch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _tiny_row(case: str, out, *args: str) -> dict:
+  """The row of one tiny harness run of `case`."""
+  benchmark.main([f"--cases={case}", "--tiny", *args, f"--json={out}"])
+  (row,) = json.loads(out.read_text())["cases"]
+  return row
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One harness run of the tiny hinton_mlp step case and its train-loop case (subprocess workers)."""
+  patch = pytest.MonkeyPatch()
+  _worker_env(patch)
   out = tmp_path_factory.mktemp("bench") / "bench.json"
   import contextlib
   import io
@@ -200,13 +211,9 @@ def test_loop_costs_at_the_default_intervals():
 
 @pytest.mark.slow
 def test_an_online_case_times_its_baseline_paired_in_its_own_workers(tmp_path, monkeypatch):
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-  monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-  out = tmp_path / "paired.json"
-  benchmark.main(["--cases=codistill_predictions_resnet32_x2", "--tiny", "--steps=1", "--warmup=2", "--repeats=2",
-                  f"--json={out}"])
-  (row,) = json.loads(out.read_text())["cases"]
+  _worker_env(monkeypatch)
+  row = _tiny_row("codistill_predictions_resnet32_x2", tmp_path / "paired.json", "--steps=1", "--warmup=2",
+                  "--repeats=2")
   assert row["status"] == "ok", row
   for side in ("jax", "torch"):
     paired = row[side]["paired"]
@@ -218,13 +225,12 @@ def test_an_online_case_times_its_baseline_paired_in_its_own_workers(tmp_path, m
 
 
 @pytest.mark.slow
-def test_bfloat16_runs_both_sides_in_mixed_precision(tiny_run, tmp_path):
+def test_bfloat16_runs_both_sides_in_mixed_precision(tiny_run, tmp_path, monkeypatch):
   """--dtype=bfloat16: the same first loss as float32 on each side to bf16's precision, not bit-identical."""
-  data, _ = tiny_run
-  out = tmp_path / "bf16.json"
-  benchmark.main(["--cases=hinton_mlp", "--tiny", "--steps=2", "--warmup=2", "--repeats=1", "--dtype=bfloat16",
-                  f"--json={out}"])
-  bf16, f32 = json.loads(out.read_text())["cases"][0], data["cases"][0]
+  _worker_env(monkeypatch)  # as the float32 run's
+  bf16 = _tiny_row("hinton_mlp", tmp_path / "bf16.json", "--steps=2", "--warmup=2", "--repeats=1",
+                   "--dtype=bfloat16")
+  f32 = tiny_run[0]["cases"][0]
   assert bf16["dtype"] == "bfloat16" and bf16["status"] == "ok", bf16
   # (Computed in bf16, PyTorch's KD loss at T=20 came out negative: both sides keep the losses in f32.)
   for side in ("jax", "torch"):
@@ -236,13 +242,8 @@ def test_bfloat16_runs_both_sides_in_mixed_precision(tiny_run, tmp_path):
 def test_the_imagenet_case_runs_both_sides_on_the_same_models(tmp_path, monkeypatch):
   """resnet34 -> resnet18's harness, shrunk (--tiny: resnet18 -> resnet18 at 32×32): torchvision's twin trains
   as many parameters as kd_jax's zoo model, both losses finite, no MFU on a CPU."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-  monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-  out = tmp_path / "imagenet.json"
-  benchmark.main(["--cases=resnet34_resnet18_kd_224", "--tiny", "--steps=1", "--warmup=2", "--repeats=1",
-                  f"--json={out}"])
-  (row,) = json.loads(out.read_text())["cases"]
+  _worker_env(monkeypatch)
+  row = _tiny_row("resnet34_resnet18_kd_224", tmp_path / "imagenet.json", "--steps=1", "--warmup=2", "--repeats=1")
   assert row["status"] == "ok", row
   assert row["jax"]["trained_params"] == row["torch"]["trained_params"] == 11_689_512  # resnet18, 1,000 classes
   assert row["jax"]["nonfinite_step"] == -1 and row["torch"]["finite"]
