@@ -858,8 +858,8 @@ def resnet32x4_resnet8x4_crd(tiny: bool) -> Case:
                   terms={"ce": {"weight": 1.0}, "crd": {"weight": 0.8, **options}}, torch_loss=torch_loss,
                   needs={"terms": ["ce", "crd"], "losses": ["cross_entropy", "crd_loss"]},
                   description=f"CE + 0.8 CRD (bank {bank['num_data']}x{bank['dim']}, "
-                                    f"{bank['num_negatives']} negatives), SGD 0.05 m0.9 wd5e-4",
-                        check_state=_crd_bank_note(bank), num_train=bank["num_data"])
+                              f"{bank['num_negatives']} negatives), SGD 0.05 m0.9 wd5e-4",
+                  check_state=_crd_bank_note(bank), num_train=bank["num_data"])
 
 
 def _cifar_peers(tiny: bool, *, model: str, terms: dict[str, Any], exchange: str, torch_mode: str, streams: int,
