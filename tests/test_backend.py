@@ -155,3 +155,44 @@ def test_an_inference_forward_keeps_its_convolutions_off_ynnpack(monkeypatch):
   assert _ynn_convolutions(hlos[False]) > 0, "XLA no longer fuses convolutions into YNNPACK's reductions"
   assert _ynn_convolutions(hlos[True]) == 0 and hlos[True].count(" conditional(") == 2
   np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height,width,kernel,stride,pads", [
+    (8, 8, 3, 2, ((1, 1), (1, 1))),  # a ResNet's strided 3x3
+    (7, 6, 3, 2, ((1, 1), (1, 1))),  # odd sizes: phases of unequal length
+    (8, 8, 1, 2, ((0, 0), (0, 0))),  # a 1x1 shortcut: odd rows get no tap
+    (9, 7, 3, 2, ((0, 1), (1, 0))),  # flax's SAME for odd sizes
+    (12, 12, 7, 2, ((3, 3), (3, 3))),  # an ImageNet stem
+    (10, 10, 3, 3, ((1, 1), (1, 1))),  # stride 3
+    (9, 9, 4, 2, ((1, 2), (2, 1))),  # an even kernel, uneven padding
+])
+def test_phased_input_gradient_is_xlas(height, width, kernel, stride, pads):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, height, width, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 3, 5))
+  y, vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=DN), x)
+  g = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  got = backend.phased_input_gradient(g, w, x.shape, (stride, stride), pads)
+  np.testing.assert_allclose(got, vjp(g)[0], rtol=1e-5, atol=1e-5)
+
+
+class _StridedConvs(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x)) + nn.Conv(16, (1, 1), strides=2)(x)
+    return jnp.sum(nn.Conv(4, (3, 3), strides=2, padding="VALID")(x) ** 2)
+
+
+def test_strided_flax_convolutions_take_phased_input_gradients(monkeypatch):
+  """On CPU `backend.jit` gives flax's strided convolutions the phased input gradient: no convolution of a
+  dilated gradient left in the compiled step, the same gradients as XLA's rule."""
+  net, x = _StridedConvs(), jax.random.normal(jax.random.PRNGKey(0), (2, 11, 11, 3))
+  params = net.init(jax.random.PRNGKey(1), x)["params"]
+  grads, hlos = {}, {}
+  for phased in (False, True):
+    monkeypatch.setattr(backend, "PHASED_INPUT_GRADIENTS", phased)
+    step = backend.jit(jax.grad(lambda p, x: net.apply({"params": p}, x), argnums=(0, 1)))
+    hlos[phased], grads[phased] = step.lower(params, x).compile().as_text(), step(params, x)
+  assert hlos[False].count("lhs_dilate=2x2") >= 2 and "lhs_dilate=" not in hlos[True]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
+               grads[True], grads[False])
