@@ -742,10 +742,10 @@ def hinton_mlp(tiny: bool) -> Case:
 
 
 def _offline(tiny: bool, *, teacher: str, student: str, tiny_models: tuple[str, str], terms: dict[str, Any],
-                   torch_loss: Callable[[], Callable], needs: dict[str, Any], description: str,
-                   check_state=None, num_train: int = 50000, steps: int = 1, batch: int = 64,
-                   shape: tuple[int, ...] = (32, 32, 3), classes: int = 100, normalize: dict[str, Any] = CIFAR100,
-                   optimizer: dict[str, Any] = CRD_SGD, default: bool = True) -> Case:
+             torch_loss: Callable[[], Callable], needs: dict[str, Any], description: str,
+             check_state=None, num_train: int = 50000, steps: int = 1, batch: int = 64,
+             shape: tuple[int, ...] = (32, 32, 3), classes: int = 100, normalize: dict[str, Any] = CIFAR100,
+             optimizer: dict[str, Any] = CRD_SGD, default: bool = True) -> Case:
   """A teacher -> student case on random images: by default CIFAR-100's, with the CRD recipe's SGD, B = 64;
   16 examples of the tiny models at 32×32 when tiny."""
   b = 16 if tiny else batch
@@ -1139,9 +1139,11 @@ def add_mfu(rows: Sequence[dict[str, Any]], dtype: str, peak_tflops: float | Non
   chip's peak for `dtype`). The PyTorch step does the same model FLOPs, on one device."""
   for row in rows:
     jx, th = row.get("jax", {}), row.get("torch", {})
-    flops = jx.get("flops_per_step") if jx.get("status") == "ok" else None
-    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(jx.get("device", ""), dtype) if flops else None
-    if not flops or not peak:
+    if jx.get("status") != "ok" or not jx.get("flops_per_step"):
+      continue
+    flops = jx["flops_per_step"]
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(jx["device"], dtype)
+    if not peak:
       continue
     mfu = {"peak_flops": peak, "peak_source": "--peak-tflops" if peak_tflops else "PEAK_FLOPS",
            "jax": round(flops / (jx["ms_per_step"] / 1e3) / peak, 4), "torch": None}
@@ -1238,6 +1240,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if (args.steps is not None and args.steps < 1) or args.warmup < 1 or args.repeats < 1:
     p.error("--steps, --warmup and --repeats must be >= 1 (the first warm-up step compiles)")
+  if args.peak_tflops is not None and args.peak_tflops <= 0:
+    p.error(f"--peak-tflops must be > 0 (the chip's peak TFLOP/s), got {args.peak_tflops}")
   return args
 
 

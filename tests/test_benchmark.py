@@ -92,6 +92,8 @@ def test_mfu_from_the_flop_count_and_the_chips_peak():
   assert benchmark.peak_flops("gpu: 8 x NVIDIA H100 PCIe", "float32") == 378e12  # not the SXM's
   benchmark.add_mfu(rows, "float32", peak_tflops=200.0)  # a given peak, any device
   assert rows[1]["mfu"]["jax"] == 0.5 and rows[1]["mfu"]["peak_source"] == "--peak-tflops"
+  with pytest.raises(SystemExit):  # argparse's error: "--peak-tflops must be > 0 ..."
+    benchmark.parse_args(["--peak-tflops=0"])
 
 
 def test_missing_features_are_named():
