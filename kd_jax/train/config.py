@@ -21,6 +21,10 @@ import ml_collections
 
 log = logging.getLogger(__name__)
 
+
+class ConfigError(ValueError):
+  """A mistake in a config or its overrides: the message names the key, the bad value and what is allowed."""
+
 # Keys whose change would silently corrupt a resumed run; the rest (logging,
 # checkpoint frequency, progress bar) may change freely between restarts.
 _RUN_KEYS = ("seed", "data.name", "data.batch_size")
@@ -128,7 +132,7 @@ def _suggest(key: str, known) -> str:
 def _check_keys(cfg: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
   for key in cfg:
     if key not in known:
-      raise ValueError(f"unknown config key {where}{key!r}{_suggest(key, known)}; known: {sorted(known)}")
+      raise ConfigError(f"unknown config key {where}{key!r}{_suggest(key, known)}; known: {sorted(known)}")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -138,26 +142,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_keys(config.data, base.data, "data.")
   _check_keys(config.mesh, base.mesh, "mesh.")
   if not isinstance(config.epochs, int) or config.epochs < 0:
-    raise ValueError(f"epochs must be a non-negative int, got {config.epochs!r}")
+    raise ConfigError(f"epochs must be a non-negative int, got {config.epochs!r}")
   if not isinstance(config.max_steps, int) or config.max_steps < 0:
-    raise ValueError(f"max_steps must be a non-negative int, got {config.max_steps!r}")
+    raise ConfigError(f"max_steps must be a non-negative int, got {config.max_steps!r}")
   if config.compute_dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
+    raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
   for key in ("batch_size", "eval_batch_size"):
     if config.data[key] < 1:
-      raise ValueError(f"data.{key} must be positive, got {config.data[key]}")
+      raise ConfigError(f"data.{key} must be positive, got {config.data[key]}")
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] < 1:
-      raise ValueError(f"{key} must be positive, got {config[key]}")
+      raise ConfigError(f"{key} must be positive, got {config[key]}")
   if not config.rows:
-    raise ValueError("the config has no rows: add at least one to config.rows")
+    raise ConfigError("the config has no rows: add at least one to config.rows")
   if config.get("baseline_row") and config.baseline_row not in config.rows:
-    raise ValueError(f"baseline_row {config.baseline_row!r} is not a row of this config; rows: {list(config.rows)}")
+    raise ConfigError(f"baseline_row {config.baseline_row!r} is not a row of this config; rows: {list(config.rows)}")
   example = row(model="mlp", terms={"ce": {}})
   from kd_jax import data, distill, models  # local: keeps config importable on its own
 
   if config.data.name not in data.names():
-    raise ValueError(f"unknown dataset {config.data.name!r}{_suggest(config.data.name, data.names())}; "
+    raise ConfigError(f"unknown dataset {config.data.name!r}{_suggest(config.data.name, data.names())}; "
                      f"known: {data.names()}")
   for name, r in config.rows.items():
     _check_keys(r, example, f"rows.{name}.")
@@ -170,34 +174,34 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     try:  # unknown term names and options, non-numeric weights: before anything trains
       distill.Objective(terms)
     except ValueError as e:
-      raise ValueError(f"rows.{name}.terms: {e}") from e
+      raise ConfigError(f"rows.{name}.terms: {e}") from e
     for path in r.get("freeze", ()):
       parts = str(path).split("/")
       if parts[0] not in ("student", "terms") or (parts[0] == "terms" and len(parts) > 1 and parts[1] not in terms):
-        raise ValueError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', "
+        raise ConfigError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', "
                          f"'student/<module>[/...]', 'terms' or 'terms/<term>[/...]' with a term of the row "
                          f"({sorted(terms)})")
     if r.get("labelled_examples", 0) < 0:
-      raise ValueError(f"rows.{name}.labelled_examples must be >= 0 (0: every example labelled), got "
+      raise ConfigError(f"rows.{name}.labelled_examples must be >= 0 (0: every example labelled), got "
                        f"{r.labelled_examples}")
     if r.get("unlabelled", "keep") not in ("keep", "drop"):
-      raise ValueError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
+      raise ConfigError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
                        f"or 'drop' (train on the labelled ones only), got {r.unlabelled!r}")
     if r.get("teacher_input", "augmented") not in ("augmented", "clean"):
-      raise ValueError(f"rows.{name}.teacher_input must be 'augmented' (the student's view) or 'clean' (the "
+      raise ConfigError(f"rows.{name}.teacher_input must be 'augmented' (the student's view) or 'clean' (the "
                        f"un-augmented image), got {r.teacher_input!r}")
     if r.get("init_partial", False) and not r.init_from:
-      raise ValueError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
+      raise ConfigError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
     start = r.get("data_start_epoch", 0)
     if not isinstance(start, int) or start < 0:
-      raise ValueError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
+      raise ConfigError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
     if r.teacher == name:
-      raise ValueError(f"row {name!r} names itself as its teacher")
+      raise ConfigError(f"row {name!r} names itself as its teacher")
     if row_epochs(config, name) < 1:
-      raise ValueError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
+      raise ConfigError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
     for other in r.ensemble_with:
       if other not in config.rows:
-        raise ValueError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")
+        raise ConfigError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")
   row_order(config)
   return config
 
@@ -221,7 +225,7 @@ def row_order(config: ml_collections.ConfigDict) -> list[str]:
     if name in order:
       return
     if name in visiting:
-      raise ValueError(f"teacher cycle among rows: {' -> '.join(chain + (name,))}")
+      raise ConfigError(f"teacher cycle among rows: {' -> '.join(chain + (name,))}")
     visiting.add(name)
     for dependency in dependencies(config, name):
       visit(dependency, chain + (name,))
@@ -265,6 +269,6 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *, allow:
   if allow:
     log.warning("row %s: resuming with a changed config (%s)", row, detail)
     return
-  raise ValueError(
+  raise ConfigError(
       f"row {row!r}: {made} with a different config ({detail}). Resuming or reusing it would mix two "
       "runs; use a new workdir, or set --config.allow_config_change=True if the change is safe.")
