@@ -152,11 +152,11 @@ def missing(*, models: Sequence[str] = (), terms: Sequence[str] = (), losses: Se
             exchange: str | None = None) -> list[str]:
   """What of these kd_jax features is not there yet (model names, distill terms, kd_jax.losses functions)."""
   from kd_jax import distill, losses as losses_lib, models as models_lib
-  from kd_jax.train import engine
+  from kd_jax.train import planning
   out = [f"model {m} not available" for m in models if m not in models_lib.names()]
   out += [f"distill term {t!r}" for t in terms if t not in distill.term_names()]
   out += [f"kd_jax.losses.{f}" for f in losses if not hasattr(losses_lib, f)]
-  if exchange is not None and exchange not in engine.EXCHANGES:
+  if exchange is not None and exchange not in planning.EXCHANGES:
     out.append(f"engine exchange mode {exchange!r}")
   return out
 
@@ -194,7 +194,7 @@ def jax_setup(*, student: str, num_classes: int, terms: dict[str, Any], optimize
   from kd_jax import models
   from kd_jax.data import augment
   from kd_jax.distill import Objective
-  from kd_jax.train import engine, optim
+  from kd_jax.train import engine, optim, sources
 
   schedule = optim.make_schedule({"name": "constant"}, base_lr=optimizer["learning_rate"], steps_per_epoch=1,
                                  total_steps=1)
@@ -205,11 +205,14 @@ def jax_setup(*, student: str, num_classes: int, terms: dict[str, Any], optimize
     # A random teacher costs the same as a trained one.
     teacher_variables = jax.jit(lambda r: teacher_module.init(
         r, jnp.zeros((1,) + input_shape, jnp.float32), train=False))(jax.random.PRNGKey(1))
+  source = {"none": sources.Teacher(module=teacher_module) if teacher_module is not None else None,
+            "predictions": sources.create("peers", peers=peers),
+            "stale": sources.create("stale_peers", peers=peers, every_steps=exchange_every)}[exchange]
   spec = engine.StepSpec(
       student=student_module, objective=Objective(terms, num_train=num_train),
       optimizer=optim.make_optimizer(optimizer, schedule),
-      schedule=schedule, normalize=lambda x: augment.normalize(x, **normalize), teacher=teacher_module,
-      augment="none", peers=peers, exchange=exchange, exchange_every=exchange_every)
+      schedule=schedule, normalize=lambda x: augment.normalize(x, **normalize), source=source,
+      augment="none", peers=peers)
   return JaxSetup(spec, batch, input_shape, teacher_variables, check_state)
 
 

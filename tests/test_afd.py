@@ -13,6 +13,7 @@ from kd_jax.distill.adversarial import AdversarialFeatureDistillation
 from kd_jax.train import checkpoint as checkpoint_lib
 from kd_jax.train import engine, loop
 from kd_jax.train import mesh as mesh_lib
+from kd_jax.train import sources
 
 
 def np_log_sigmoid(x):
@@ -122,7 +123,7 @@ def afd_engine():
       student=models.create("mlp", num_classes=10, widths=[32]), objective=Objective(AFD),
       optimizer=optax.adam(schedule), schedule=schedule,
       normalize=lambda x: augment.normalize(x, scale=DIGITS.scale, mean=DIGITS.mean, std=DIGITS.std),
-      peers=2, exchange="predictions")
+      peers=2, source=sources.create("peers", peers=2))
   mesh = mesh_lib.make_mesh(replica=1, data=1)
   example = jnp.zeros((1, 8, 8, 1), jnp.uint8)
   abstract = jax.eval_shape(lambda: engine.init_state(spec, jax.random.PRNGKey(0), {}, example))
@@ -171,7 +172,7 @@ def test_afd_needs_exchanged_features():
   spec = engine.StepSpec(
       student=models.create("mlp", num_classes=10, widths=[8]), objective=Objective(AFD),
       optimizer=optax.adam(schedule), schedule=schedule, normalize=lambda x: x / 255.0,
-      peers=2, exchange="stale")
+      peers=2, source=sources.create("stale_peers", peers=2))
   with pytest.raises(ValueError, match="exchange='predictions'"):
     jax.eval_shape(lambda: engine.init_state(spec, jax.random.PRNGKey(0), {}, jnp.zeros((1, 8, 8, 1), jnp.uint8)))
 

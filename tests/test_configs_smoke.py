@@ -179,12 +179,13 @@ def test_frozen_params_get_no_update_and_no_weight_decay():
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from kd_jax.train import loop, optim
+  from kd_jax.train import optim
+  from kd_jax.train import planning as plan_lib
 
   params = {"student": {"w": jnp.ones(3)},
             "terms": {"ft": {"paraphraser": {"k": jnp.ones(2)}, "translator": {"k": jnp.ones(2)}}}}
   sgd = optim.make_optimizer({"name": "sgd", "momentum": 0.9, "weight_decay": 5e-4}, optax.constant_schedule(0.1))
-  optimizer = loop._with_frozen(sgd, [("student",), ("terms", "ft", "paraphraser")])
+  optimizer = plan_lib.with_frozen(sgd, [("student",), ("terms", "ft", "paraphraser")])
   state, updated = optimizer.init(params), params
   for _ in range(3):
     grads = jax.tree.map(jnp.ones_like, updated)

@@ -289,18 +289,18 @@ def test_in_memory_test_batches_cover_the_test_split_once():
 
 
 def test_prefetch_keeps_order_and_raises_where_the_error_happened():
-  assert list(imagenet.prefetch(range(10), 3)) == list(range(10))
+  assert list(data.prefetch(range(10), 3)) == list(range(10))
 
   def failing():
     yield from range(3)
     raise RuntimeError("decode failed at item 3")
 
-  items = imagenet.prefetch(failing(), 2)
+  items = data.prefetch(failing(), 2)
   assert [next(items) for _ in range(3)] == [0, 1, 2]
   with pytest.raises(RuntimeError, match="decode failed at item 3"):
     next(items)
   with pytest.raises(ValueError, match="prefetch size must be at least 1"):
-    imagenet.prefetch(range(3), 0)
+    data.prefetch(range(3), 0)
 
 
 def test_prefetch_runs_ahead_and_close_stops_the_thread():
@@ -314,7 +314,7 @@ def test_prefetch_runs_ahead_and_close_stops_the_thread():
         ready.set()
       yield i
 
-  items = imagenet.prefetch(counting(), 2)
+  items = data.prefetch(counting(), 2)
   assert ready.wait(5)  # items are made before anyone asks for them
   assert next(items) == 0
   items.close()

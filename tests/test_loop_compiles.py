@@ -73,9 +73,9 @@ def recorded_run(tmp_path_factory):
   patch.setattr(loop.engine, "make_eval_step", recorder.wrap(loop.engine.make_eval_step, "eval"))
   train_row = loop.train_row
 
-  def tagged_row(name, *args, **kwargs):
-    recorder.row, recorder.steps = name, 0
-    return train_row(name, *args, **kwargs)
+  def tagged_row(plan, *args, **kwargs):
+    recorder.row, recorder.steps = plan.name, 0
+    return train_row(plan, *args, **kwargs)
 
   patch.setattr(loop, "train_row", tagged_row)
   jax.monitoring.register_event_duration_secs_listener(recorder.listen)

@@ -274,13 +274,14 @@ def test_imagenet_size_crd_bank_is_split_over_the_devices():
   from kd_jax.distill import Objective
   from kd_jax.train import engine
   from kd_jax.train import mesh as mesh_lib
+  from kd_jax.train import sources
 
   student = models.create("mlp", num_classes=1000, widths=[16])
   objective = Objective({"ce": {}, "crd": {"dim": 128, "num_negatives": 16}}, num_train=1_281_167 + 1)
   spec = engine.StepSpec(student=student, objective=objective, optimizer=optax.sgd(0.1), schedule=lambda s: 0.1,
                          normalize=lambda x: augment.normalize(x, scale=1 / 255, mean=(0.0,), std=(1.0,)),
-                         teacher=models.create("mlp", num_classes=1000, widths=[32]))
-  teacher_vars = jax.eval_shape(lambda: spec.teacher.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 3), np.float32)))
+                         source=sources.Teacher(module=models.create("mlp", num_classes=1000, widths=[32])))
+  teacher_vars = jax.eval_shape(lambda: spec.source.module.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 3), np.float32)))
   abstract = jax.eval_shape(lambda tv: engine.init_state(spec, jax.random.PRNGKey(0), tv,
                                                         np.zeros((8, 4, 4, 3), np.uint8)), teacher_vars)
   shardings = engine.state_shardings(mesh_lib.make_mesh(), abstract, spec)

@@ -10,6 +10,7 @@ from kd_jax.data import augment
 from kd_jax.distill import Objective
 from kd_jax.train import engine, loop
 from kd_jax.train import mesh as mesh_lib
+from kd_jax.train import sources
 
 DIGITS = data.load("digits")
 NORMALIZE = lambda x: augment.normalize(x, scale=DIGITS.scale, mean=DIGITS.mean, std=DIGITS.std)
@@ -17,10 +18,12 @@ NORMALIZE = lambda x: augment.normalize(x, scale=DIGITS.scale, mean=DIGITS.mean,
 
 def make_spec(terms, *, peers=2, exchange="predictions", every=1):
   schedule = optax.constant_schedule(0.05)
+  source = sources.create("peers", peers=peers) if exchange == "predictions" else sources.create(
+      "stale_peers", peers=peers, every_steps=every)
   return engine.StepSpec(
       student=models.create("mlp", num_classes=10, widths=[32]), objective=Objective(terms),
       optimizer=optax.sgd(schedule, momentum=0.9), schedule=schedule, normalize=NORMALIZE,
-      peers=peers, exchange=exchange, exchange_every=every)
+      peers=peers, source=source)
 
 
 def setup(spec, mesh):
@@ -107,7 +110,7 @@ def test_stale_exchange_happens_exactly_every_n_steps():
   copies = []
   for s in range(7):
     state, _ = step_fn(state, {}, batch(s, spec, sharding))
-    copies.append((int(state.step), np.asarray(state.exchange["params"]["dense1"]["kernel"]),
+    copies.append((int(state.step), np.asarray(state.source["params"]["dense1"]["kernel"]),
                    np.asarray(state.params["student"]["dense1"]["kernel"])))
   for done, stale, current in copies:
     if done % 3 == 0:
@@ -124,8 +127,8 @@ def test_stale_peers_predictions_are_the_other_replica_copies():
   mesh = mesh_lib.make_mesh(replica=2, data=4)
   state, _, sharding = setup(spec, mesh)
   # Make the stale copies differ from the live params, then check peer 0 distils from copy 1 on its own batch.
-  stale = jax.tree.map(lambda x: x * 0.5, state.exchange["params"])
-  state = state.replace(exchange={**state.exchange, "params": stale})
+  stale = jax.tree.map(lambda x: x * 0.5, state.source["params"])
+  state = state.replace(source={**state.source, "params": stale})
   b = batch(0, spec, sharding)
   metrics = jax.jit(lambda s, b: engine.train_step(spec, s, {}, b)[1])(state, b)
   apply = lambda p, k, stream: spec.student.apply({"params": engine.unstack(p, k)},
@@ -145,8 +148,10 @@ def test_burn_in_keeps_distillation_off_until_its_start():
 
 
 def test_online_term_without_peers_is_refused():
-  with pytest.raises(ValueError, match="an online term .* needs peers >= 2"):
-    make_spec(DML, peers=1, exchange="none")
+  config = train.base_config()
+  config.rows.dml = train.row(model="mlp", terms=DML, peers=1, epochs=1)
+  with pytest.raises(train.ConfigError, match="an online term .* needs peers >= 2"):
+    train.plan(config, "dml", DIGITS)
 
 
 def test_peers_that_do_not_fit_the_replica_axis_are_refused(tmp_path):

@@ -93,7 +93,7 @@ class _StopAfter:
     class Flag(dict):
       def __getitem__(self, key):
         calls["n"] += 1
-        return calls["n"] == n
+        return signal.SIGTERM if calls["n"] >= n else None
 
     return Flag()
 
@@ -104,7 +104,7 @@ class _StopAfter:
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path, monkeypatch, caplog):
   workdir = str(tmp_path)
   config = tiny_digits.get_config("teacher")
-  monkeypatch.setattr(loop, "_sigterm_flag", lambda: _StopAfter(19))
+  monkeypatch.setattr(loop, "_stop_signals", lambda: _StopAfter(19))
   with pytest.raises(loop.Preempted):
     train.run(config, workdir)
   monkeypatch.undo()
@@ -121,7 +121,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(reference, tmp_pat
 def test_all_checkpoints_unreadable_is_a_clear_error(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   config = tiny_digits.get_config("teacher")
-  monkeypatch.setattr(loop, "_sigterm_flag", lambda: _StopAfter(3))
+  monkeypatch.setattr(loop, "_stop_signals", lambda: _StopAfter(3))
   with pytest.raises(loop.Preempted):
     train.run(config, workdir)
   monkeypatch.undo()

@@ -15,6 +15,8 @@ from kd_jax import data, losses, models, train
 from kd_jax.distill import Objective, Outputs
 from kd_jax.train import checkpoint, engine, loop
 from kd_jax.train import mesh as mesh_lib
+from kd_jax.train import planning as plan_lib
+from kd_jax.train import stages
 
 RNG = np.random.default_rng(0)
 
@@ -108,7 +110,7 @@ def test_every_exit_gets_a_test_accuracy_and_a_cost_that_grows_with_depth(exits_
   model, variables = exits_model
   dataset = data.load("digits")
   mesh = mesh_lib.make_mesh(replica=1, data=1)
-  normalize = loop._normalizer(dataset)
+  normalize = plan_lib.normalizer(dataset)
   eval_step = engine.make_eval_step(model, normalize, mesh)
   stacked = jax.tree.map(lambda x: x[None], variables)
   result = loop.evaluate(eval_step, stacked, dataset, 360, mesh)
@@ -120,7 +122,7 @@ def test_every_exit_gets_a_test_accuracy_and_a_cost_that_grows_with_depth(exits_
     assert result[f"test_accuracy/exit_{name}"] == pytest.approx(expected, abs=1e-6)
   assert result["test_accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == dataset.test_labels)), abs=1e-6)
 
-  costs = loop.head_costs(model, variables, images[:2])
+  costs = stages.head_costs(model, variables, images[:2])
   order = ["exit_stage1", "exit_stage2", "model"]
   flops, params = [costs[n]["flops"] for n in order], [costs[n]["params"] for n in order]
   # An exit after the last-but-one layer (a bottleneck as wide as the last layer, and a classifier) costs
@@ -217,7 +219,7 @@ def test_sla_model_rotates_each_input_as_a_numpy_loop_does(sla_model):
                              rtol=1e-5, atol=1e-5)
   # The SD head alone needs one forward pass; its logits are the model's by default.
   np.testing.assert_allclose(model.apply(variables, images), features["sd_logits"], rtol=1e-6)
-  costs = loop.head_costs(model, variables, images)
+  costs = stages.head_costs(model, variables, images)
   assert costs["sd"]["flops"] == costs["model"]["flops"] < costs["aggregated"]["flops"]
   assert costs["aggregated"]["flops"] > 3 * costs["single"]["flops"]
 
@@ -270,7 +272,7 @@ def test_the_teacher_of_each_cycle_is_the_last_weights_of_the_previous_one(tmp_p
                            model_kwargs={"widths": [16]}, kd_terms={"ce": {"weight": 0.5}, "kd": {"weight": 0.5}},
                            optimizer={"name": "adam", "learning_rate": 1e-2}, schedule={"name": "cosine"})
   saved, loaded_teachers, loaded_inits, states = {}, {}, {}, {}
-  save_model, load_teacher, load_init = checkpoint.save_model, loop.load_teacher, loop._load_init
+  save_model, load_teacher, model_start = checkpoint.save_model, stages.load_teacher, stages._model_start
   make_train_step = engine.make_train_step
   train_batch, batch_steps = loop._train_batch, []
 
@@ -287,9 +289,10 @@ def test_the_teacher_of_each_cycle_is_the_last_weights_of_the_previous_one(tmp_p
     loaded_teachers[kwargs["row_name"]] = (directory, jax.device_get(variables))
     return module, variables
 
-  def spy_init(directory, row, name):
-    loaded_inits[name] = (directory, load_init(directory, row, name))
-    return loaded_inits[name][1]
+  def spy_init(plan, current):
+    start = model_start(plan, current)
+    loaded_inits[plan.name] = (plan.init_from, jax.tree.map(lambda x: np.asarray(x)[0], start))
+    return start
 
   def spy_step(spec, *args):
     step = make_train_step(spec, *args)
@@ -301,8 +304,8 @@ def test_the_teacher_of_each_cycle_is_the_last_weights_of_the_previous_one(tmp_p
     return run
 
   monkeypatch.setattr(checkpoint, "save_model", spy_save)
-  monkeypatch.setattr(loop, "load_teacher", spy_teacher)
-  monkeypatch.setattr(loop, "_load_init", spy_init)
+  monkeypatch.setattr(stages, "load_teacher", spy_teacher)
+  monkeypatch.setattr(stages, "_model_start", spy_init)
   monkeypatch.setattr(engine, "make_train_step", spy_step)
   monkeypatch.setattr(loop, "_train_batch", spy_batch)
   train.run(config, str(tmp_path))

@@ -17,6 +17,8 @@ from kd_jax.distill import Objective, Outputs
 from kd_jax.models import quantized as quantized_lib
 from kd_jax.train import checkpoint, loop
 from kd_jax.train import config as config_lib
+from kd_jax.train import planning as plan_lib
+from kd_jax.train import stages
 
 RNG = np.random.default_rng(0)
 
@@ -181,17 +183,18 @@ def test_partial_init_and_frozen_teacher_blocks_leave_the_teacher_weights_unchan
                          "input_shape": [8, 8, 1], "dataset": "digits"})
   hybrid = _blockwise(1)
   fresh = jax.tree.map(lambda p: p[None], jax.jit(hybrid.init)(jax.random.PRNGKey(0), x)["params"])  # [K=1, ...]
-  start = loop._load_partial_init(str(tmp_path / "teacher"), {"params": fresh, "batch_stats": {}}, peers=1,
-                                  name="pbkd_stage1")
+  start = stages.partial_init(str(tmp_path / "teacher"), {"params": fresh, "batch_stats": {}}, peers=1,
+                               row_name="pbkd_stage1")
   params = jax.tree.map(lambda p: jnp.asarray(p[0]), start["params"])
   for layer in ("dense2", "head"):
     jax.tree.map(np.testing.assert_array_equal, params[layer], teacher["params"][layer])
   jax.tree.map(np.testing.assert_array_equal, params["student_block1"], jax.tree.map(lambda p: p[0],
                                                                                       fresh["student_block1"]))
   # The table's stage-1 row freezes the teacher's blocks: a few Adam steps on the real loss move only block 1.
-  row = mnist_students.get_config().rows.pbkd_stage1
+  config = mnist_students.get_config()
+  row = config.rows.pbkd_stage1
   objective = Objective(row.terms.to_dict())
-  optimizer = loop._with_frozen(optax.adam(0.1), loop._frozen_paths(row, objective))
+  optimizer = plan_lib.with_frozen(optax.adam(0.1), train.plan(config, "pbkd_stage1", data.load("digits")).frozen)
   teacher_out = Outputs(*jax.jit(lambda v: teacher_model.apply(v, x, return_features=True))(teacher))
   row_params = {"student": params, "terms": {}}
 
@@ -213,11 +216,12 @@ def test_partial_init_and_frozen_teacher_blocks_leave_the_teacher_weights_unchan
     jax.tree.map(np.testing.assert_array_equal, updated["student"][layer], teacher["params"][layer])
   assert float(jnp.abs(updated["student"]["student_block1"]["up"]["kernel"]
                        - params["student_block1"]["up"]["kernel"]).max()) > 0
-  with pytest.raises(ValueError, match="student_block7"):
-    loop._check_frozen_model_paths([("student", "student_block7")], fresh, name="pbkd_stage1")
-  with pytest.raises(ValueError, match="init_partial found no param"):
-    loop._load_partial_init(str(tmp_path / "teacher"), {"params": {"other": {"w": jnp.zeros((1, 2))}},
-                                                        "batch_stats": {}}, peers=1, name="x")
+  config.rows.pbkd_stage1.freeze = ["student/student_block7"]
+  with pytest.raises(train.ConfigError, match="student_block7"):
+    train.plan(config, "pbkd_stage1", data.load("digits"))
+  with pytest.raises(train.ConfigError, match="init_partial found no param"):
+    stages.partial_init(str(tmp_path / "teacher"), {"params": {"other": {"w": jnp.zeros((1, 2))}},
+                                                    "batch_stats": {}}, peers=1, row_name="x")
 
 
 # --- Noisy Student ----------------------------------------------------------------------------------------------
@@ -267,12 +271,14 @@ def test_labelled_subset_is_fixed_by_the_seed_and_batches_carry_its_mask():
   config = mnist_students.get_config()
   teacher_row, student_row = config.rows.ns_teacher, config.rows.ns_student1
   teacher_row.labelled_examples = student_row.labelled_examples = 200
-  labelled_only, mask = loop._labelled_split(teacher_row, digits, seed=3)
+  view = lambda row: plan_lib.DataView(batch_size=64, eval_batch_size=64, seed=3, labelled=row.labelled_examples,
+                                       unlabelled=row.unlabelled)
+  labelled_only, mask = loop._labelled_split(view(teacher_row), digits)
   assert mask is None and labelled_only.num_train == 200
   assert labelled_only.test_images.shape == digits.test_images.shape  # the test set is untouched
   np.testing.assert_array_equal(labelled_only.train_labels,
                                 digits.train_labels[data.labelled_subset(digits.num_train, 200, seed=3)])
-  everything, mask = loop._labelled_split(student_row, digits, seed=3)
+  everything, mask = loop._labelled_split(view(student_row), digits)
   assert everything.num_train == digits.num_train and mask.sum() == 200
   batch = loop._train_batch(everything, 64, seed=3, step=5, labelled=mask)
   np.testing.assert_array_equal(batch["labelled"][0],

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Callable, Iterator, Union
 
 import numpy as np
 
+from kd_jax.data.prefetch import prefetch
+
 if TYPE_CHECKING:
   from kd_jax.data.imagenet import ImageNetSource
 
-__all__ = ["Dataset", "load", "names", "register", "batch_indices", "steps_per_epoch", "data_dir",
+__all__ = ["Dataset", "load", "names", "prefetch", "register", "batch_indices", "steps_per_epoch", "data_dir",
            "labelled_subset", "train_subset"]
 
 

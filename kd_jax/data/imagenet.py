@@ -16,9 +16,6 @@ side 224/256 of the shorter side, resized to 224x224 (the same region as
 "resize the shorter side to 256, center-crop 224", resampled once).
 Normalisation runs on device, as for every dataset (`scale`, `mean`, `std`).
 
-`prefetch(iterator, size)` runs any batch iterator `size` items ahead in a
-background thread, e.g.
-  prefetch((source.train_batch(seed, s, B, rows) for s in range(start, stop)), 2).
 """
 from __future__ import annotations
 
@@ -26,13 +23,12 @@ import concurrent.futures
 import io
 import math
 import os
-import queue
 import threading
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ImageNetSource", "load", "prefetch", "random_resized_crop_box", "center_crop_box",
+__all__ = ["ImageNetSource", "load", "random_resized_crop_box", "center_crop_box",
            "crop_resize", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,7 +37,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # batch-order permutation, which is seeded from (seed, epoch).
 _AUGMENT_TAG = 0x1A6E
 
-T = TypeVar("T")
 Box = tuple[float, float, float, float]  # (top, left, height, width) in pixels of the decoded image
 
 
@@ -270,75 +265,3 @@ def load(name: str = "imagenet2012", *, directory: str | None = None, num_classe
   if num_classes is not None and classes is not None and classes != num_classes:
     raise ValueError(f"dataset {name!r}: TFDS has {classes} classes, the registry expects {num_classes}")
   return ImageNetSource(train, test, name=name, num_classes=num_classes or classes or 1000, **kwargs)
-
-
-_END, _ERROR, _ITEM = range(3)
-
-
-class _Prefetcher(Iterator[T]):
-  """See `prefetch`."""
-
-  def __init__(self, iterator: Iterable[T], size: int):
-    self._queue: queue.Queue = queue.Queue(maxsize=size)
-    self._stop = threading.Event()
-    self._done = False
-    self._thread = threading.Thread(target=self._produce, args=(iter(iterator),), daemon=True,
-                                    name="kd_jax-prefetch")
-    self._thread.start()
-
-  def _put(self, item) -> bool:
-    # A timeout, so that a consumer that stopped early (close) frees the thread.
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _produce(self, iterator: Iterator[T]) -> None:
-    try:
-      for item in iterator:
-        if not self._put((_ITEM, item)):
-          return
-      self._put((_END, None))
-    except BaseException as e:  # handed to the consumer, raised there
-      self._put((_ERROR, e))
-
-  def __next__(self) -> T:
-    if self._done:
-      raise StopIteration
-    kind, value = self._queue.get()
-    if kind == _ITEM:
-      return value
-    self._done = True
-    self._stop.set()
-    if kind == _ERROR:
-      raise value
-    raise StopIteration
-
-  def close(self) -> None:
-    """Stops the background thread (the iterator then ends)."""
-    self._done = True
-    self._stop.set()
-    self._thread.join()
-
-  def __enter__(self) -> "_Prefetcher[T]":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __del__(self):
-    self._stop.set()
-
-
-def prefetch(iterator: Iterable[T], size: int = 2) -> Iterator[T]:
-  """Yields the items of `iterator`, computed up to `size` ahead in a background thread.
-
-  Order is kept; an exception in `iterator` is raised at the consumer, at the
-  position where it happened. Call `.close()` (or use `with`) to stop early.
-  """
-  if size < 1:
-    raise ValueError(f"prefetch size must be at least 1, got {size}")
-  return _Prefetcher(iterator, size)

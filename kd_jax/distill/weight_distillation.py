@@ -133,3 +133,19 @@ def generate(generator: Mapping[str, Any], teacher_params, plan: tuple[Group, ..
 
 def generator_size(plan: tuple[Group, ...]) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(jax.eval_shape(lambda: init_generator(plan)))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+  """Weight distillation's phase 1 as a parameter map for the train step: the trained params are the
+  generator's, and the student's are generated from them and the teacher's (`constants`: its variables)."""
+
+  plan: tuple[Group, ...]
+
+  def init(self, student_params) -> dict[str, Any]:
+    """The generator's params, with the leading peer axis [1, ...] of `student_params`' leaves."""
+    del student_params
+    return jax.tree.map(lambda x: x[None], init_generator(self.plan))
+
+  def __call__(self, params, constants) -> dict[str, Any]:
+    return generate(params, constants["params"], self.plan)

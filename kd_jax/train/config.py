@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 class ConfigError(ValueError):
   """A mistake in a config or its overrides: the message names the key, the bad value and what is allowed."""
 
-# Keys whose change would silently corrupt a resumed run; the rest (logging,
-# checkpoint frequency, progress bar) may change freely between restarts.
-_RUN_KEYS = ("seed", "data.name", "data.batch_size")
-_ROW_KEYS = ("model", "model_kwargs", "terms", "teacher", "optimizer", "schedule", "augment", "max_norm", "peers",
-             "exchange", "init_from", "weight_generator")
+# Settings that cannot change a row's results: everything else of the run and of the row enters the
+# resume fingerprint (a new config key does too, unless it is added here).
+HARMLESS = ("epochs", "max_steps", "log_every_steps", "checkpoint_every_steps", "checkpoint_every_seconds",
+            "keep_checkpoints", "progress", "allow_config_change", "paper_metric", "baseline_row", "data.dir",
+            "data.eval_batch_size", "mesh", "rows")
+HARMLESS_ROW = ("paper", "epochs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000
+  c.checkpoint_every_seconds = 600.0  # also checkpoint when this much wall time passed since the last one
   c.keep_checkpoints = 2
   c.progress = True
   c.skip_nonfinite = False
@@ -132,7 +134,7 @@ def _suggest(key: str, known) -> str:
 def _check_keys(cfg: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
   for key in cfg:
     if key not in known:
-      raise ConfigError(f"unknown config key {where}{key!r}{_suggest(key, known)}; known: {sorted(known)}")
+      raise ConfigError(f"unknown config key {where + key!r}{_suggest(key, known)}; known: {sorted(known)}")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -157,53 +159,63 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError("the config has no rows: add at least one to config.rows")
   if config.get("baseline_row") and config.baseline_row not in config.rows:
     raise ConfigError(f"baseline_row {config.baseline_row!r} is not a row of this config; rows: {list(config.rows)}")
-  example = row(model="mlp", terms={"ce": {}})
-  from kd_jax import data, distill, models  # local: keeps config importable on its own
+  from kd_jax import data  # local: keeps config importable on its own
 
   if config.data.name not in data.names():
     raise ConfigError(f"unknown dataset {config.data.name!r}{_suggest(config.data.name, data.names())}; "
                      f"known: {data.names()}")
-  for name, r in config.rows.items():
-    _check_keys(r, example, f"rows.{name}.")
-    _check_keys(r.optimizer, example.optimizer, f"rows.{name}.optimizer.")
-    _check_keys(r.schedule, example.schedule, f"rows.{name}.schedule.")
-    _check_keys(r.exchange, example.exchange, f"rows.{name}.exchange.")
-    _check_keys(r.weight_generator, example.weight_generator, f"rows.{name}.weight_generator.")
-    models.spec(r.model)  # unknown model: error listing the known ones
-    terms = r.terms.to_dict() if hasattr(r.terms, "to_dict") else dict(r.terms)
-    try:  # unknown term names and options, non-numeric weights: before anything trains
-      distill.Objective(terms)
-    except ValueError as e:
-      raise ConfigError(f"rows.{name}.terms: {e}") from e
-    for path in r.get("freeze", ()):
-      parts = str(path).split("/")
-      if parts[0] not in ("student", "terms") or (parts[0] == "terms" and len(parts) > 1 and parts[1] not in terms):
-        raise ConfigError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', "
-                         f"'student/<module>[/...]', 'terms' or 'terms/<term>[/...]' with a term of the row "
-                         f"({sorted(terms)})")
-    if r.get("labelled_examples", 0) < 0:
-      raise ConfigError(f"rows.{name}.labelled_examples must be >= 0 (0: every example labelled), got "
-                       f"{r.labelled_examples}")
-    if r.get("unlabelled", "keep") not in ("keep", "drop"):
-      raise ConfigError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
-                       f"or 'drop' (train on the labelled ones only), got {r.unlabelled!r}")
-    if r.get("teacher_input", "augmented") not in ("augmented", "clean"):
-      raise ConfigError(f"rows.{name}.teacher_input must be 'augmented' (the student's view) or 'clean' (the "
-                       f"un-augmented image), got {r.teacher_input!r}")
-    if r.get("init_partial", False) and not r.init_from:
-      raise ConfigError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
-    start = r.get("data_start_epoch", 0)
-    if not isinstance(start, int) or start < 0:
-      raise ConfigError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
-    if r.teacher == name:
-      raise ConfigError(f"row {name!r} names itself as its teacher")
-    if row_epochs(config, name) < 1:
-      raise ConfigError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
-    for other in r.ensemble_with:
-      if other not in config.rows:
-        raise ConfigError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")
+  for name in config.rows:
+    _validate_row(config, name)
   row_order(config)
   return config
+
+
+def _validate_row(config: ml_collections.ConfigDict, name: str) -> None:
+  """The keys and values of row `name` that can be checked without the data."""
+  from kd_jax import distill, models  # local: keeps config importable on its own
+
+  r, example = config.rows[name], row(model="mlp", terms={"ce": {}})
+  _check_keys(r, example, f"rows.{name}.")
+  _check_keys(r.optimizer, example.optimizer, f"rows.{name}.optimizer.")
+  _check_keys(r.schedule, example.schedule, f"rows.{name}.schedule.")
+  _check_keys(r.exchange, example.exchange, f"rows.{name}.exchange.")
+  _check_keys(r.weight_generator, example.weight_generator, f"rows.{name}.weight_generator.")
+  try:
+    models.spec(r.model)  # unknown model: error listing the known ones
+  except ValueError as e:
+    raise ConfigError(f"rows.{name}.model: {e}") from None
+  terms = r.terms.to_dict() if hasattr(r.terms, "to_dict") else dict(r.terms)
+  try:  # unknown term names and options, non-numeric weights: before anything trains
+    distill.Objective(terms)
+  except ValueError as e:
+    raise ConfigError(f"rows.{name}.terms: {e}") from e
+  for path in r.get("freeze", ()):
+    parts = str(path).split("/")
+    if parts[0] not in ("student", "terms") or (parts[0] == "terms" and len(parts) > 1 and parts[1] not in terms):
+      raise ConfigError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', "
+                       f"'student/<module>[/...]', 'terms' or 'terms/<term>[/...]' with a term of the row "
+                       f"({sorted(terms)})")
+  if r.get("labelled_examples", 0) < 0:
+    raise ConfigError(f"rows.{name}.labelled_examples must be >= 0 (0: every example labelled), got "
+                     f"{r.labelled_examples}")
+  if r.get("unlabelled", "keep") not in ("keep", "drop"):
+    raise ConfigError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
+                     f"or 'drop' (train on the labelled ones only), got {r.unlabelled!r}")
+  if r.get("teacher_input", "augmented") not in ("augmented", "clean"):
+    raise ConfigError(f"rows.{name}.teacher_input must be 'augmented' (the student's view) or 'clean' (the "
+                     f"un-augmented image), got {r.teacher_input!r}")
+  if r.get("init_partial", False) and not r.init_from:
+    raise ConfigError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
+  start = r.get("data_start_epoch", 0)
+  if not isinstance(start, int) or start < 0:
+    raise ConfigError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
+  if r.teacher == name:
+    raise ConfigError(f"row {name!r} names itself as its teacher")
+  if row_epochs(config, name) < 1:
+    raise ConfigError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
+  for other in r.ensemble_with:
+    if other not in config.rows:
+      raise ConfigError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")
 
 
 def row_epochs(config: ml_collections.ConfigDict, name: str) -> int:
@@ -236,25 +248,28 @@ def row_order(config: ml_collections.ConfigDict) -> list[str]:
   return order
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-  for part in dotted.split("."):
-    cfg = cfg[part]
-  return cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+  """A nested config as {dotted key: leaf}; lists and tuples are leaves."""
+  value = value.to_dict() if hasattr(value, "to_dict") else value
+  if isinstance(value, Mapping) and value:
+    out = {}
+    for key, sub in value.items():
+      out.update(_flat(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+  return {prefix: value}
+
+
+def _harmless(key: str, names: Sequence[str]) -> bool:
+  return any(key == h or key.startswith(h + ".") for h in names)
 
 
 def fingerprint(config: ml_collections.ConfigDict, row_name: str) -> dict[str, Any]:
-  """The settings a resumed run of `row_name` must share with the run that saved it."""
-  out = {key: _get(config, key) for key in _RUN_KEYS}
+  """The settings a resumed run of `row_name` must share with the run that saved it: every key of the
+  run and of the row (flattened, with the row's resolved epochs), but the `HARMLESS` ones."""
+  out = {k: v for k, v in _flat(config, "").items() if not _harmless(k, HARMLESS)}
   out["epochs"] = row_epochs(config, row_name)
-  out.update({f"rows.{row_name}.{key}": _get(config.rows[row_name], key) for key in _ROW_KEYS})
-  # Only when set, so older checkpoints still resume.
-  for key in ("freeze", "data_start_epoch", "init_partial", "labelled_examples"):
-    if config.rows[row_name].get(key):
-      out[f"rows.{row_name}.{key}"] = _get(config.rows[row_name], key)
-  if config.rows[row_name].get("teacher_input", "augmented") != "augmented":
-    out[f"rows.{row_name}.teacher_input"] = config.rows[row_name].teacher_input
-  if config.rows[row_name].get("labelled_examples"):
-    out[f"rows.{row_name}.unlabelled"] = _get(config.rows[row_name], "unlabelled")
+  row = _flat(config.rows[row_name], "")
+  out.update({f"rows.{row_name}.{k}": v for k, v in row.items() if not _harmless(k, HARMLESS_ROW)})
   return json.loads(json.dumps(out))  # as it reads back from the checkpoint
 
 

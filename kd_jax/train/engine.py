@@ -3,15 +3,11 @@
 One step serves every method. The trained model is a stack of K peers (K = 1
 for offline distillation) vmapped over a leading axis that is laid out on the
 mesh axis "replica"; each peer sees a data stream (one shared stream, or one per
-peer for co-distillation's stale mode) whose batch axis is sharded over "data".
-What a peer learns from is one of:
-  - a frozen teacher (offline: KD, FitNets, CRD, ...), run in inference mode;
-  - the other peers' predictions (logits and named features) on the same batch,
-    exchanged every step (DML; co-distillation's "predictions" mode; AFD's
-    feature discriminators): a roll over the peer axis, which XLA lowers to a
-    collective across the replica axis;
-  - stale copies of the other peers' parameters, refreshed every N steps and
-    evaluated on the peer's own batch (co-distillation's "stale" mode).
+peer) whose batch axis is sharded over "data". What the peers learn from besides
+their labels is the step's *source* (kd_jax/train/sources.py: a frozen teacher,
+a cache of its logits, the other peers' predictions, stale peer copies), what
+they are trained on is the *objective* (kd_jax/distill), and the trained params
+map to the model's through an optional *param map* (weight distillation).
 """
 from __future__ import annotations
 
@@ -28,13 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kd_jax import losses
 from kd_jax.data import augment as augment_lib
 from kd_jax.distill import Objective, Outputs
-from kd_jax.distill import weight_distillation
 from kd_jax.train import backend
 from kd_jax.train import mesh as mesh_lib
-from kd_jax.train import optim
+from kd_jax.train import sources as sources_lib
 
-EXCHANGES = ("none", "predictions", "stale")
-TEACHER_INPUTS = ("augmented", "clean")
 # Mixed precision: params are kept (and updated) in float32, the models run in the compute dtype.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,7 +40,7 @@ class TrainState:
     has a leading peer axis [K, ...].
   batch_stats: {"student": ...} BatchNorm running statistics, [K, ...].
   method_state: {term name: state} (memory banks, ...), [K, ...].
-  exchange: co-distillation's stale peer copies {"params", "batch_stats"} ({} otherwise).
+  source: the source's state (stale peer copies; {} for most sources).
   rng: raw uint32 [2] key; the step's randomness is fold_in(rng, step).
   nonfinite_step: -1, or the first step whose loss or gradients were not finite.
   nonfinite_values: at that step, [loss, grad norm, each term's mean] (see `value_names`).
@@ -58,7 +51,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   method_state: Any
-  exchange: Any
+  source: Any
   rng: jax.Array
   nonfinite_step: jax.Array
   nonfinite_values: jax.Array
@@ -66,63 +59,35 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-  """The static description of one training run's step."""
+  """The static description of one training run's step (built by `kd_jax.train.plan`; checked there).
+
+  source: what the peers learn from besides labels (None: labels only), loaded (`Source.load`).
+  param_map: `param_map(params, constants) -> model params` with `param_map.init(model params)` giving
+    the trained params (e.g. a hypernetwork's); None: the model's params are trained.
+  constrain: applied to the params after each update (a max-norm cap), or None.
+  sequential_peers: peers that share devices run one after another, peers on their own replica groups
+    in parallel (vmapped); see `map_peers`.
+  compute_dtype: "bfloat16": models compute in bf16 from float32 master params; BatchNorm statistics,
+    outputs, losses and updates stay float32 (see `apply_model`).
+  """
 
   student: nn.Module
   objective: Objective
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   normalize: Callable[[jax.Array], jax.Array]
-  teacher: nn.Module | None = None
+  source: sources_lib.Source | None = None
+  param_map: Any = None
   augment: str = "none"
-  # "augmented": the teacher sees the student's augmented inputs; "clean": the un-augmented ones.
-  teacher_input: str = "augmented"
-  max_norm: float = 0.0
+  constrain: Callable[[Any], Any] | None = None
   peers: int = 1
-  exchange: str = "none"
-  exchange_every: int = 1
-  # Read the teacher's logits from a cache over the train set (teacher_variables =
-  # {"cache": [N, classes]}) instead of running it: inputs must not be augmented.
-  teacher_cache: bool = False
-  # Weight distillation, phase 1: the trained params are a generator of the
-  # student's weights from the teacher's (a plan from weight_distillation.make_plan).
-  generator: tuple[weight_distillation.Group, ...] | None = None
-  # Peers that share devices run one after another, peers on their own replica
-  # groups in parallel (vmapped); see `map_peers`.
   sequential_peers: bool = True
-  # "bfloat16": student, teacher and peers compute in bf16 (accelerators) from float32 master
-  # params; BatchNorm statistics, outputs, losses and updates stay float32 (see `apply_model`).
   compute_dtype: str = "float32"
-
-  def __post_init__(self):
-    if self.compute_dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; known: {sorted(COMPUTE_DTYPES)}")
-    if self.exchange not in EXCHANGES:
-      raise ValueError(f"unknown exchange mode {self.exchange!r}; known: {EXCHANGES}")
-    if self.peers < 1:
-      raise ValueError(f"peers must be >= 1, got {self.peers}")
-    if self.exchange != "none" and self.peers < 2:
-      raise ValueError(f"exchange={self.exchange!r} needs at least 2 peers, got {self.peers}")
-    if self.exchange == "none" and self.objective.needs_peers:
-      raise ValueError("an online term (e.g. 'dml', 'codistill') needs peers >= 2 and exchange "
-                       "'predictions' or 'stale'")
-    if self.exchange != "none" and self.teacher is not None:
-      raise ValueError("a run learns from a teacher or from its peers, not both")
-    if self.exchange_every < 1:
-      raise ValueError(f"exchange_every must be >= 1, got {self.exchange_every}")
-    if self.generator is not None and (self.teacher is None or self.peers > 1 or self.teacher_cache):
-      raise ValueError("a weight generator needs a teacher (its weights are the generator's input), "
-                       "a single peer and no teacher cache")
-    if self.teacher_input not in TEACHER_INPUTS:
-      raise ValueError(f"unknown teacher_input {self.teacher_input!r}; known: {TEACHER_INPUTS}")
-    if self.teacher_cache and self.augment != "none" and self.teacher_input != "clean":
-      raise ValueError(f"a teacher cache needs un-augmented inputs, but augment={self.augment!r}: the teacher "
-                       "must see each step's random augmentation (or set teacher_input='clean')")
 
   @property
   def streams(self) -> int:
-    """Data streams: one per peer in stale mode (each replica its own data), else one shared."""
-    return self.peers if self.exchange == "stale" else 1
+    """Data streams: one shared by all peers, or one per peer (the source says)."""
+    return self.source.streams(self.peers) if self.source is not None else 1
 
 
 def value_names(spec: StepSpec) -> tuple[str, ...]:
@@ -158,28 +123,14 @@ def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32
   return _cast_floats(out, jnp.float32)
 
 
-def student_params(spec: StepSpec, params, teacher_variables):
-  """The student module's params: `params` itself, or generated from the teacher's by the generator."""
-  if spec.generator is None:
-    return params
-  return weight_distillation.generate(params, teacher_variables["params"], spec.generator)
+def model_params(spec: StepSpec, params, constants):
+  """The model's params: the trained `params` themselves, or mapped by the param map."""
+  return params if spec.param_map is None else spec.param_map(params, constants)
 
 
 def unstack(tree, k: int = 0):
   """Peer k's slice of a stacked pytree."""
   return jax.tree.map(lambda x: x[k], tree)
-
-
-def teacher_outputs(spec: StepSpec, teacher_variables, images, indices=None) -> Outputs | None:
-  if spec.teacher_cache:
-    if indices is None:  # at init: only the shape matters
-      return Outputs(jnp.zeros((images.shape[0], teacher_variables["cache"].shape[-1]), jnp.float32))
-    return Outputs(jax.lax.stop_gradient(teacher_variables["cache"][indices]))
-  if spec.teacher is None:
-    return None
-  logits, features = apply_model(spec.teacher, teacher_variables, images, train=False, return_features=True,
-                                 compute_dtype=spec.compute_dtype)
-  return jax.lax.stop_gradient(Outputs(logits, features))
 
 
 def map_peers(fn: Callable, args, in_axes, *, peers: int, sequential: bool):
@@ -215,118 +166,114 @@ def _peer_rngs(rng, peers):
   return jax.vmap(lambda k: jax.random.fold_in(rng, k))(jnp.arange(peers))
 
 
-def _peer_stub(spec: StepSpec, logits, features) -> Outputs | None:
-  """What online terms see at init: the other peers' logits [K-1, B, K] (and, exchanging
-  predictions, their features [K-1, B, ...])."""
-  if spec.exchange == "none":
-    return None
-  stack = lambda x: jnp.broadcast_to(x, (spec.peers - 1,) + x.shape)
-  return Outputs(stack(logits), jax.tree.map(stack, dict(features)) if spec.exchange == "predictions" else {})
+def _source_axis(spec: StepSpec):
+  return 0 if spec.source is not None and spec.source.per_peer else None
 
 
-def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images: jax.Array) -> TrainState:
-  """A fresh state: a pure function of `rng` (call under jit for placement)."""
+def _inference(spec: StepSpec, model: nn.Module, variables, images):
+  """(logits, features) of `model` in inference mode, in the compute dtype: a teacher's forward."""
+  return apply_model(model, variables, images, train=False, return_features=True, compute_dtype=spec.compute_dtype)
+
+
+def init_state(spec: StepSpec, rng: jax.Array, constants, example_images: jax.Array) -> TrainState:
+  """A fresh state: a pure function of `rng` (call under jit for placement). `constants`: the source's."""
   images = spec.normalize(example_images)
-  teacher = teacher_outputs(spec, teacher_variables, images)
 
   def init_peer(peer_rng):
     init_rng, term_rng, dropout_rng = jax.random.split(peer_rng, 3)
     variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
     logits, features = spec.student.apply(variables, images, train=False, return_features=True)
-    source = teacher if teacher is not None else _peer_stub(spec, logits, features)
+    source = None if spec.source is None else spec.source.init_outputs(
+        constants, images, logits, features, lambda m, v, x: _inference(spec, m, v, x))
     term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
     return variables["params"], variables.get("batch_stats", {}), term_params, method_state
 
   student, batch_stats, term_params, method_state = over_peers(spec, init_peer, (0,))(_peer_rngs(rng, spec.peers))
-  if spec.generator is not None:
-    student = jax.tree.map(lambda x: x[None], weight_distillation.init_generator(spec.generator))
+  source_state = spec.source.init_state(student, batch_stats) if spec.source is not None else {}
+  if spec.param_map is not None:
+    student = spec.param_map.init(student)
   params = {"student": student, "terms": term_params}
-  exchange = {"params": student, "batch_stats": batch_stats} if spec.exchange == "stale" else {}
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats={"student": batch_stats},
       opt_state=spec.optimizer.init(params),
       method_state=method_state,
-      exchange=exchange,
+      source=source_state,
       rng=rng,
       nonfinite_step=jnp.full((), -1, jnp.int32),
       nonfinite_values=jnp.zeros((len(value_names(spec)),), jnp.float32))
 
 
-def _others(stacked: jax.Array, peers: int) -> jax.Array:
-  """[K, ...] -> [K, K-1, ...]: for each peer, the other peers' values (rolls over the peer axis)."""
-  return jnp.stack([jnp.roll(stacked, shift, axis=0) for shift in range(1, peers)], axis=1)
-
-
-def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> tuple[TrainState, dict]:
-  """One optimisation step of all peers.
-
-  batch: {"image": uint8 [S, B, H, W, C], "label": int [S, B], "index": int [S, B]} with S = spec.streams.
-  """
-  k = spec.peers
+def _step_inputs(spec: StepSpec, state: TrainState, batch):
+  """(source inputs, dropout key) of a step: the augmented and the clean images, normalised, [S, B, ...]."""
   step_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
   images = jax.vmap(lambda r, x: augment_lib.augment(r, model_inputs(x), kind=spec.augment))(
       _peer_rngs(augment_rng, spec.streams), batch["image"])
   images = jax.vmap(spec.normalize)(images)
-  teacher_images = images if spec.teacher_input == "augmented" else jax.vmap(spec.normalize)(
-      jax.vmap(model_inputs)(batch["image"]))
-  # Per-peer inputs: the shared stream broadcast to every peer, or each peer's own stream.
-  stream_axis = 0 if spec.streams > 1 else None
-  pick = lambda x: x if spec.streams > 1 else x[0]
-  teacher = teacher_outputs(spec, teacher_variables, pick(teacher_images), pick(batch["index"]))
+  clean = jax.vmap(spec.normalize)(jax.vmap(model_inputs)(batch["image"]))
 
-  if spec.exchange == "stale":
-    def peer_predictions(params, batch_stats, peer_images):
-      return apply_model(spec.student, _variables(params, batch_stats), peer_images, train=False,
-                         compute_dtype=spec.compute_dtype)
+  def apply_student(params, batch_stats, peer_images):
+    return apply_model(spec.student, _variables(params, batch_stats), peer_images, train=False,
+                       compute_dtype=spec.compute_dtype)
 
-    # Peer k reads the copy of peer (k - shift) for each shift: its own stale peers, on its own batch.
-    stale = [over_peers(spec, peer_predictions, (0, 0, 0))(
-        *jax.tree.map(lambda x: jnp.roll(x, shift, axis=0), (state.exchange["params"], state.exchange["batch_stats"])),
-        images)
-             for shift in range(1, k)]
-    stale_logits = jax.lax.stop_gradient(jnp.stack(stale, axis=1))  # [K, K-1, B, classes]
+  inputs = sources_lib.Inputs(images=images, clean_images=clean, batch=batch,
+                              forward=lambda m, v, x: _inference(spec, m, v, x), apply_student=apply_student,
+                              map_peers=lambda fn, args, in_axes: over_peers(spec, fn, in_axes)(*args))
+  return inputs, dropout_rng
+
+
+def _loss_fn(spec: StepSpec, state: TrainState, constants, inputs, dropout_rng, targets):
+  """`loss(params) -> (sum of the peers' losses, (metrics, batch_stats, method_state))`."""
+  k, streams = spec.peers, spec.streams
+  stream_axis = 0 if streams > 1 else None
+  pick = lambda x: x if streams > 1 else x[0]
+  batch = inputs.batch
 
   def peer_forward(params, batch_stats, peer_rng, peer_images):
     (logits, features), updates = apply_model(
-        spec.student, _variables(student_params(spec, params, teacher_variables), batch_stats), peer_images,
+        spec.student, _variables(model_params(spec, params, constants), batch_stats), peer_images,
         train=True, return_features=True, mutable=["batch_stats"], rngs={"dropout": peer_rng},
         compute_dtype=spec.compute_dtype)
     return logits, features, updates.get("batch_stats", {})
 
+  def objective(term_params, method_state, logits, features, peer_batch, source, peer_rng):
+    # Terms that draw random numbers (CRD's negatives, CS-KD's pairs) use the batch's "rng".
+    return spec.objective(term_params, method_state, Outputs(logits, features), source,
+                          {**peer_batch, "rng": peer_rng}, step=state.step)
+
   def loss_fn(params):
     logits, features, batch_stats = over_peers(spec, peer_forward, (0, 0, 0, stream_axis))(
-        params["student"], state.batch_stats["student"], _peer_rngs(dropout_rng, k), pick(images))
-    if spec.exchange == "predictions":
-      # The other peers' logits and features (feature-level online methods, e.g. AFD), as constants;
-      # XLA drops the exchange of the features no term reads.
-      others = lambda x: jax.lax.stop_gradient(_others(x, k))
-      sources, source_axis = Outputs(others(logits), jax.tree.map(others, dict(features))), 0
-    elif spec.exchange == "stale":
-      sources, source_axis = Outputs(stale_logits), 0
-    else:
-      sources, source_axis = teacher, None
-    def objective(term_params, method_state, logits, features, peer_batch, source, peer_rng):
-      # Terms that draw random numbers (CRD's negatives, CS-KD's pairs) use the batch's "rng".
-      return spec.objective(term_params, method_state, Outputs(logits, features), source,
-                            {**peer_batch, "rng": peer_rng}, step=state.step)
-
-    loss, metrics, method_state = over_peers(spec, objective, (0, 0, 0, 0, stream_axis, source_axis, 0))(
-        params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources,
+        params["student"], state.batch_stats["student"], _peer_rngs(dropout_rng, k), pick(inputs.images))
+    source = spec.source.from_students(logits, features) if spec.source is not None and spec.source.online \
+        else targets
+    loss, metrics, method_state = over_peers(spec, objective, (0, 0, 0, 0, stream_axis, _source_axis(spec), 0))(
+        params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), source,
         _peer_rngs(jax.random.fold_in(dropout_rng, 1), k))
-    labels = batch["label"] if spec.streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:-1])
+    labels = batch["label"] if streams > 1 else jnp.broadcast_to(batch["label"][0], logits.shape[:-1])
     metrics["accuracy"] = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
     # Peers are independent models: the sum's gradient is each peer's own loss gradient.
     return jnp.sum(loss), (jax.tree.map(jnp.mean, metrics), batch_stats, method_state)
 
+  return loss_fn
+
+
+def train_step(spec: StepSpec, state: TrainState, constants, batch) -> tuple[TrainState, dict]:
+  """One optimisation step of all peers.
+
+  batch: {"image": uint8 [S, B, H, W, C], "label": int [S, B], "index": int [S, B]} with S = spec.streams.
+  constants: the source's (a teacher's variables, a cache of its logits).
+  """
+  inputs, dropout_rng = _step_inputs(spec, state, batch)
+  targets = spec.source.outputs(constants, state.source, inputs) if spec.source is not None else None
+  loss_fn = _loss_fn(spec, state, constants, inputs, dropout_rng, targets)
   (loss, (metrics, batch_stats, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  loss = loss / k
+  loss = loss / spec.peers
   updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  if spec.max_norm and spec.generator is None:
-    params = {**params, "student": optim.max_norm(params["student"], spec.max_norm, stacked=True)}
+  if spec.constrain is not None:
+    params = spec.constrain(params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   first_bad = (state.nonfinite_step < 0) & ~finite
@@ -342,12 +289,9 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
       method_state=keep_old(method_state, state.method_state),
       nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
       nonfinite_values=jnp.where(first_bad, values, state.nonfinite_values))
-  if spec.exchange == "stale":
-    # Every N steps each replica receives its peers' current parameters.
-    refresh = (new_state.step % spec.exchange_every) == 0
-    current = {"params": new_state.params["student"], "batch_stats": new_state.batch_stats["student"]}
-    new_state = new_state.replace(
-        exchange=jax.tree.map(lambda n, o: jnp.where(refresh, n, o), current, state.exchange))
+  if spec.source is not None:
+    new_state = new_state.replace(source=spec.source.update_state(
+        state.source, new_state.params["student"], new_state.batch_stats["student"], new_state.step))
   metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=spec.schedule(state.step),
                  finite=finite.astype(jnp.float32))
   return new_state, metrics
@@ -366,7 +310,7 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState, spec: StepSpec):
     if top == "method_state" and getattr(path[1], "key", None) in row_terms and leaf.ndim >= 3 \
         and leaf.shape[1] % data == 0:
       return NamedSharding(mesh, P(peer, "data"))
-    peer_axis = top in ("params", "batch_stats", "method_state", "exchange") or (
+    peer_axis = top in ("params", "batch_stats", "method_state", "source") or (
         top == "opt_state" and leaf.ndim >= 1 and leaf.shape[0] == spec.peers)
     return NamedSharding(mesh, P(peer)) if (peer and peer_axis and leaf.ndim >= 1) else replicated
 
@@ -374,17 +318,17 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState, spec: StepSpec):
 
 
 def batch_sharding(mesh: Mesh, spec: StepSpec) -> NamedSharding:
-  """[S, B, ...]: streams over "replica" (stale mode), the batch over "data"."""
+  """[S, B, ...]: streams over "replica" (one stream per peer), the batch over "data"."""
   if spec.streams > 1 and mesh.shape["replica"] > 1:
     return NamedSharding(mesh, P("replica", "data"))
   return NamedSharding(mesh, P(None, "data"))
 
 
 def make_train_step(spec: StepSpec, mesh: Mesh, state_sharding):
-  """`step(state, teacher_variables, batch) -> (state, metrics)`, jitted; the state is donated."""
+  """`step(state, constants, batch) -> (state, metrics)`, jitted; the state is donated."""
   replicated = mesh_lib.replicated(mesh)
   return backend.jit(
-      lambda state, teacher_variables, batch: train_step(spec, state, teacher_variables, batch),
+      lambda state, constants, batch: train_step(spec, state, constants, batch),
       in_shardings=(state_sharding, replicated, batch_sharding(mesh, spec)),
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
