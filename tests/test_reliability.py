@@ -66,13 +66,15 @@ def test_sigkill_at_random_steps_then_resume_is_bit_exact(reference, tmp_path):
     assert_same_variables(final_variables(workdir, row), final_variables(reference, row))
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits_143(reference, tmp_path):
+@pytest.mark.parametrize("signum, status, said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C (SIGINT)")])
+def test_sigterm_and_ctrl_c_checkpoint_the_current_step_and_exit(reference, tmp_path, signum, status, said):
   workdir = str(tmp_path)
   proc = launch(workdir)
   assert wait_for_progress(workdir, "teacher", proc, beyond=8) is not None
-  proc.proc.send_signal(signal.SIGTERM)
-  assert proc.wait() == 143, proc.output()[-3000:]
-  stopped_at = int(proc.output().split("SIGTERM received; checkpointed step ")[1].split(",")[0])
+  proc.proc.send_signal(signum)
+  assert proc.wait() == status, proc.output()[-3000:]
+  assert "Traceback" not in proc.output(), proc.output()[-3000:]
+  stopped_at = int(proc.output().split(f"{said} received; checkpointed step ")[1].split(",")[0])
   assert stopped_at in checkpoint_steps(workdir, "teacher")
   assert not os.path.exists(os.path.join(workdir, "teacher", "result.json"))
   proc = launch(workdir)
@@ -144,6 +146,17 @@ def _nan_config():
   config.epochs = 1
   config.rows.teacher.terms = {"ce": {}, "test_nan_at_step_7": {}}
   return config
+
+
+def test_wall_time_checkpoints_between_step_intervals(tmp_path):
+  config = tiny_digits.get_config("teacher")
+  config.epochs = 1
+  config.checkpoint_every_steps = 1000  # never by steps in this run
+  config.checkpoint_every_seconds = 0.0  # every step by wall time
+  config.keep_checkpoints = 100
+  train.run(config, str(tmp_path))
+  steps = checkpoint_steps(str(tmp_path), "teacher")
+  assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > 1, steps
 
 
 def test_non_finite_loss_stops_naming_the_step_and_term(tmp_path):

@@ -13,8 +13,15 @@ def head_name(feature_name: str) -> str:
   return feature_name[:-len("_logits")] if feature_name.endswith("_logits") else feature_name
 
 
+def device_multiple(batch_size: int, mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's devices (the padding is masked)."""
+  return -(-batch_size // mesh.devices.size) * mesh.devices.size
+
+
 def evaluate(eval_step, variables, dataset, batch_size: int, mesh) -> dict[str, float]:
-  """Test-set accuracy, error count and mean cross-entropy (each process reads only its rows)."""
+  """Test-set accuracy, error count and mean cross-entropy (each process reads only its rows). Batches are
+  padded to a multiple of the device count and masked, so any `batch_size` counts each example once."""
+  batch_size = device_multiple(batch_size, mesh)
   sharding = mesh_lib.batch_sharding(mesh)
   (rows,) = mesh_lib.local_block(sharding, (batch_size,))
   totals = None

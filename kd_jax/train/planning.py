@@ -187,9 +187,6 @@ def _check_data(config, row, name: str, dataset, mesh_shape) -> None:
   if config.data.batch_size % data:
     raise ConfigError(f"data.batch_size {config.data.batch_size} is not divisible by the {data} devices of "
                       f"mesh axis 'data'; use a multiple of {data}")
-  if config.data.eval_batch_size % (replica * data):
-    raise ConfigError(f"data.eval_batch_size {config.data.eval_batch_size} is not divisible by the "
-                      f"{replica * data} devices of the mesh; use a multiple of {replica * data}")
   if row.peers % replica:
     raise ConfigError(f"row {name!r}: {row.peers} peers cannot be spread over mesh.replica={replica} replica "
                       f"groups; use a divisor of {row.peers} (or 1)")

@@ -19,7 +19,7 @@ from kd_jax import models
 from kd_jax.distill import weight_distillation
 from kd_jax.train import checkpoint as checkpoint_lib
 from kd_jax.train import engine
-from kd_jax.train.evaluation import evaluate, head_name
+from kd_jax.train.evaluation import device_multiple, evaluate, head_name
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.config import ConfigError
 from kd_jax.train.planning import RowPlan
@@ -62,7 +62,7 @@ def teacher_cache(teacher, variables, dataset, normalize, mesh, batch_size: int,
     raise ConfigError(f"row {row_name!r}: cache_teacher needs an in-memory dataset; {dataset.name!r} is streamed")
   logits_fn = engine.make_teacher_logits(teacher, normalize, mesh)
   chunks = [logits_fn(variables, mesh_lib.put_batch(batch, mesh_lib.batch_sharding(mesh)))
-            for batch in padded_split(dataset.train_images, dataset.train_labels, batch_size)]
+            for batch in padded_split(dataset.train_images, dataset.train_labels, device_multiple(batch_size, mesh))]
   return jnp.concatenate(chunks)[:dataset.num_train]
 
 
