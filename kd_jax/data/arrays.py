@@ -122,4 +122,6 @@ def from_arrays(name: str, train: tuple[Any, Any], test: tuple[Any, Any] | None 
   except ValueError as e:
     raise ValueError(f"{name}: mean {mean.shape} and std {std.shape} do not broadcast against one example "
                      f"{x.shape[1:]}") from e
-  return ArrayDataset(name, train_x, y.astype(np.int32), test_x, test_y.astype(np.int32), num_classes=num_classes)
+  # Already normalised: the constants the engine would apply are the identity.
+  return ArrayDataset(name, train_x, y.astype(np.int32), test_x, test_y.astype(np.int32), num_classes=num_classes,
+                      scale=1.0, mean=(0.0,), std=(1.0,))

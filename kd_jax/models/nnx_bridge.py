@@ -45,6 +45,22 @@ def _recorded(intermediates) -> dict[str, list[Any]]:
   return seen
 
 
+def _int_keys(tree: Any) -> Any:
+  """Dict keys '0', '1', ... back to ints: checkpoints (orbax, msgpack) store NNX's list indices as strings."""
+  if not isinstance(tree, Mapping):
+    return tree
+  return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+
+
+class _ToLinen(bridge.ToLinen):
+  """`bridge.ToLinen` reading its variables with list indices as ints, whatever checkpoint they came from
+  (with string keys ToLinen would warn of unknown paths and leave those layers at their fresh init)."""
+
+  @property
+  def variables(self):
+    return {collection: _int_keys(tree) for collection, tree in super().variables.items()}
+
+
 class FromNNX(nn.Module):
   """A linen module running the NNX class `nnx_class(*args, **kwargs, rngs=...)` in the zoo protocol.
 
@@ -92,7 +108,7 @@ class FromNNX(nn.Module):
       picked = _pick(seen, [path for _, path in features], what)
       return logits, {name: picked[path] for name, path in features}
 
-    wrapped = bridge.ToLinen(self.nnx_class, args=self.args, kwargs=FrozenDict(self.kwargs), name="module")
+    wrapped = _ToLinen(self.nnx_class, args=self.args, kwargs=FrozenDict(self.kwargs), name="module")
     return wrapped(x, nnx_method=run)
 
 
