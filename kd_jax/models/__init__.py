@@ -159,7 +159,8 @@ from kd_jax.models import one  # noqa: E402,F401  (ONE's multi-branch version of
 from kd_jax.models import sla  # noqa: E402,F401  (SLA's joint (class, rotation) classifier on a zoo model)
 from kd_jax.models import group  # noqa: E402,F401  (different zoo models trained side by side)
 # Feature capture for modules outside the zoo.
-from kd_jax.models.features import WithFeatures, capture, feature_shapes, follows_protocol, module_paths  # noqa: E402,F401,E501
+from kd_jax.models.features import (  # noqa: E402,F401
+    WithFeatures, capture, feature_shapes, follows_protocol, module_paths)
 from kd_jax.models.nnx_bridge import FromNNX, from_nnx, nnx_feature_paths  # noqa: E402,F401
 from kd_jax.models.teachers import import_teacher  # noqa: E402,F401
 from kd_jax.models import quantized  # noqa: E402,F401  (quantized distillation's k-bit version of a zoo model)

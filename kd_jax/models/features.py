@@ -119,7 +119,8 @@ def flag_kwargs(flag: str | None, train: bool) -> dict[str, bool]:
   return {flag: (not train) if flag == "deterministic" else train}
 
 
-def feature_pairs(features: Mapping[str, str] | Sequence[str] | None, *, what: str) -> tuple[tuple[str, str], ...] | None:
+def feature_pairs(features: Mapping[str, str] | Sequence[str] | None, *,
+                  what: str) -> tuple[tuple[str, str], ...] | None:
   """A feature map as hashable (name, path) pairs: a dict {name: path}, a sequence of paths (each its own
   name), or None (every submodule's output, named by its path)."""
   if features is None:

@@ -112,8 +112,9 @@ class FromNNX(nn.Module):
     return wrapped(x, nnx_method=run)
 
 
-def from_nnx(nnx_class: Callable[..., nnx.Module], *args: Any, features: Mapping[str, str] | Sequence[str] | None = None,
-             train_kwarg: str | None = "auto", **kwargs: Any) -> FromNNX:
+def from_nnx(nnx_class: Callable[..., nnx.Module], *args: Any,
+             features: Mapping[str, str] | Sequence[str] | None = None, train_kwarg: str | None = "auto",
+             **kwargs: Any) -> FromNNX:
   """The NNX model `nnx_class(*args, **kwargs, rngs=...)` as a zoo-protocol linen module.
 
   features: {feature name: attribute path} (`{"stage1": "block1", "pre_logits": "pool"}`),
