@@ -310,3 +310,21 @@ def test_unlisted_tfds_dataset_trains_through_register_tfds(tmp_path):
   assert dataset.mean == (0.3,) and dataset.std == (0.35,) and dataset.num_train == 48
   assert result["steps"] == 3 and 0.0 <= result["test_accuracy"] <= 1.0
   assert result["test_errors"] == round(48 * (1 - result["test_accuracy"]))
+
+
+def test_model_kwargs_from_json_keep_the_models_hashable():
+  class Widths(nn.Module):
+    num_classes: int
+    widths: object
+
+    @nn.compact
+    def __call__(self, x, return_features=False):
+      return nn.Dense(self.num_classes)(x)
+
+  models.register("own_unhashable", input_shape=None)(lambda num_classes, widths: Widths(num_classes, widths))
+  with pytest.raises(ValueError, match=r"model 'own_unhashable': the module is not hashable .*\['widths'\]"):
+    models.create("own_unhashable", num_classes=3, widths=[4, 4])
+  assert hash(models.create("own_unhashable", num_classes=3, widths=(4, 4)))
+  # from_nnx freezes its arguments itself (row.model_kwargs arrive as JSON lists and dicts).
+  net = models.from_nnx(NNXNet, 10, width=4, extra=[1, {"a": [2]}])
+  assert hash(net) and dict(net.kwargs)["extra"] == (1, {"a": (2,)})

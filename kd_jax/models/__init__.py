@@ -117,7 +117,23 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
   if not isinstance(module, nn.Module):
     raise ValueError(f"model {name!r}: its constructor returned a {type(module).__name__}, not a flax.linen "
                      "Module (an NNX model goes through kd_jax.models.from_nnx)")
-  return as_protocol(module)
+  module = as_protocol(module)
+  try:
+    hash(module)
+  except TypeError as e:
+    bad = [f.name for f in dataclasses.fields(module) if not _hashable(getattr(module, f.name, None))]
+    raise ValueError(f"model {name!r}: the module is not hashable (the engine's jitted steps take it as a static "
+                     f"argument); attributes {bad or '(nested)'} hold lists or dicts: convert them in the "
+                     "constructor (tuple(widths), flax.core.FrozenDict(options))") from e
+  return module
+
+
+def _hashable(value: Any) -> bool:
+  try:
+    hash(value)
+    return True
+  except TypeError:
+    return False
 
 
 def as_protocol(module: nn.Module) -> nn.Module:

@@ -128,8 +128,18 @@ def from_nnx(nnx_class: Callable[..., nnx.Module], *args: Any,
   if isinstance(nnx_class, nnx.Module):
     raise ValueError(f"from_nnx takes the NNX class (and its arguments), not an instance of "
                      f"{type(nnx_class).__name__}: the engine builds the module from its variables at each call")
-  return FromNNX(nnx_class, args=tuple(args), kwargs=tuple(sorted(kwargs.items())), features=features,
+  return FromNNX(nnx_class, args=tuple(_frozen(a) for a in args),
+                 kwargs=tuple(sorted((k, _frozen(v)) for k, v in kwargs.items())), features=features,
                  train_kwarg=train_kwarg)
+
+
+def _frozen(value: Any) -> Any:
+  """Lists as tuples, dicts as FrozenDicts (model_kwargs read from JSON): the module must be hashable."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(v) for v in value)
+  if isinstance(value, Mapping):
+    return FrozenDict({k: _frozen(v) for k, v in value.items()})
+  return value
 
 
 def nnx_feature_paths(model: FromNNX, variables: Mapping[str, Any], x: Any) -> dict[str, Any]:
