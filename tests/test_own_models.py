@@ -328,3 +328,17 @@ def test_model_kwargs_from_json_keep_the_models_hashable():
   # from_nnx freezes its arguments itself (row.model_kwargs arrive as JSON lists and dicts).
   net = models.from_nnx(NNXNet, 10, width=4, extra=[1, {"a": [2]}])
   assert hash(net) and dict(net.kwargs)["extra"] == (1, {"a": (2,)})
+
+
+def test_import_an_nnx_teacher_from_its_state(tmp_path):
+  net = NNXNet(10, width=4, rngs=nnx.Rngs(3))
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 1))
+  net.train()
+  net(x)  # BatchNorm statistics move away from their init
+  net.eval()
+  directory = teachers.import_teacher(str(tmp_path / "nnx"), "own_nnx", nnx.state(net), num_classes=10,
+                                      input_shape=(8, 8, 1))
+  dataset = data.load("digits")
+  module, variables = loop.load_teacher(directory, dataset, row_name="check")
+  assert set(variables) == {"params", "batch_stats"}
+  np.testing.assert_allclose(module.apply(variables, x), net(x), rtol=1e-5, atol=1e-5)

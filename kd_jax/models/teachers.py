@@ -51,14 +51,27 @@ def _key_like(tree: Any, keys_of: Any) -> Any:
   return {by_name.get(str(k), k): _key_like(v, keys_of.get(by_name.get(str(k), k))) for k, v in tree.items()}
 
 
-def match_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], *, model: str) -> dict[str, Any]:
+def _linen_variables(variables: Any) -> Any:
+  """An NNX model or its `nnx.state` as {"params", "batch_stats"} plain dicts; anything else unchanged."""
+  from flax import nnx
+
+  if isinstance(variables, nnx.Module):
+    variables = nnx.state(variables)
+  if not isinstance(variables, nnx.State):
+    return variables
+  params, stats, _ = nnx.split_state(variables, nnx.Param, nnx.BatchStat, ...)
+  stats = nnx.to_pure_dict(stats)
+  return {"params": nnx.to_pure_dict(params), **({"batch_stats": stats} if stats else {})}
+
+
+def match_variables(variables: Any, expected: Mapping[str, Any], *, model: str) -> dict[str, Any]:
   """`variables` laid out as `expected` (the model's abstract variables): collections, the 'module'
   nesting of a wrapped model, and dict keys as the model has them; leaves as numpy arrays of its dtypes.
 
-  variables: {"params": ..., "batch_stats": ...}, or the params alone.
+  variables: {"params": ..., "batch_stats": ...}, the params alone, or an NNX model or its `nnx.state`.
   """
   expected = {c: expected[c] for c in _COLLECTIONS if c in expected}
-  given = dict(variables)
+  given = dict(_linen_variables(variables))
   if "params" not in given:
     given = {"params": given}
   unknown = sorted(set(given) - set(_COLLECTIONS))
@@ -77,7 +90,7 @@ def match_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], *
                    f"models.create({model!r}, ...) builds")
 
 
-def import_teacher(directory: str, model: str, variables: Mapping[str, Any], *, num_classes: int,
+def import_teacher(directory: str, model: str, variables: Any, *, num_classes: int,
                    input_shape: Sequence[int], model_kwargs: Mapping[str, Any] | None = None,
                    input_dtype: Any = jnp.float32, dataset: str = "") -> str:
   """Writes `variables` of the registered `model` as a teacher directory; returns its path.
@@ -90,7 +103,8 @@ def import_teacher(directory: str, model: str, variables: Mapping[str, Any], *, 
     directory: where to write (created; model.json and variables/ as a row's `final/`).
     model: a registered model name (`kd_jax.models.register`).
     variables: {"params": ..., "batch_stats": ...} or the params alone, of the module the
-      constructor returns (re-nested under 'module' if `create` wraps it); numpy or jax arrays.
+      constructor returns (re-nested under 'module' if `create` wraps it); numpy or jax arrays;
+      for a `from_nnx` model, the trained NNX model itself or its `nnx.state`.
     num_classes, input_shape: the model's outputs and one example's shape (no batch axis),
       checked against the dataset of every row that uses the teacher.
     model_kwargs: further keyword arguments of the constructor (JSON values).
