@@ -342,3 +342,26 @@ def test_import_an_nnx_teacher_from_its_state(tmp_path):
   module, variables = loop.load_teacher(directory, dataset, row_name="check")
   assert set(variables) == {"params", "batch_stats"}
   np.testing.assert_allclose(module.apply(variables, x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_with_features_and_module_paths_see_inside_an_nnx_bridge():
+  from flax.nnx import bridge
+
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  ours = models.from_nnx(NNXNet, 10, width=4, features={"s": "conv2"})
+  variables = ours.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, x)
+  to_linen = bridge.ToLinen(NNXNet, args=(10,), kwargs={"width": 4})  # as a user writes it
+  wrapped = models.WithFeatures(to_linen, {"s": "conv2"})
+  assert hash(wrapped)
+  np.testing.assert_array_equal(wrapped.apply(variables, x, return_features=True)[1]["s"],
+                                ours.apply(variables, x, return_features=True)[1]["s"])
+  paths = models.module_paths(to_linen, {c: tree["module"] for c, tree in variables.items()}, x)
+  assert paths == models.module_paths(ours, variables, x) == models.module_paths(wrapped, variables, x)
+  assert paths["conv2"] == (3, 4, 4, 8) and paths["mlp/0"] == (3, 32)
+  # Registered as it is, a ToLinen becomes the zoo-protocol FromNNX (every attribute path a feature).
+  models.register("own_to_linen", input_shape=(8, 8, 1))(
+      lambda num_classes: bridge.ToLinen(NNXNet, args=(num_classes,), kwargs={"width": 4}))
+  created = models.create("own_to_linen", num_classes=10)
+  assert isinstance(created, models.FromNNX) and hash(created)
+  np.testing.assert_array_equal(created.apply(variables, x, return_features=True)[1]["conv2"],
+                                ours.apply(variables, x, return_features=True)[1]["s"])

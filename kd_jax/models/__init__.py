@@ -139,7 +139,7 @@ def _hashable(value: Any) -> bool:
 def as_protocol(module: nn.Module) -> nn.Module:
   """`module` itself if it takes `return_features`, else wrapped so that it does (see `create`)."""
   if isinstance(module, bridge.ToLinen):
-    return FromNNX(module.nnx_class, args=tuple(module.args), kwargs=tuple(sorted(dict(module.kwargs).items())))
+    return from_nnx(module.nnx_class, *module.args, **dict(module.kwargs))
   return module if follows_protocol(module) else WithFeatures(module)
 
 

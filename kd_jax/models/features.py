@@ -74,7 +74,22 @@ def capture(module: nn.Module, variables: Mapping[str, Any], x: Any, paths: Sequ
 
 
 def module_paths(module: nn.Module, variables: Mapping[str, Any], x: Any, **apply_kwargs: Any) -> dict[str, Any]:
-  """{module path: output shape(s)} of every submodule call; abstract evaluation, nothing is computed."""
+  """{module path: output shape(s)} of every submodule call; abstract evaluation, nothing is computed.
+
+  For an NNX model (`nnx.bridge.ToLinen`, `from_nnx`, `WithFeatures` of either) the paths are the NNX
+  module's attribute paths, as `from_nnx(features=...)` takes them.
+  """
+  from kd_jax.models import nnx_bridge
+
+  every = None
+  if isinstance(module, nnx_bridge.bridge.ToLinen):
+    every, variables = WithFeatures(module), {c: {"module": tree} for c, tree in variables.items()}
+  elif isinstance(module, nnx_bridge.FromNNX) or (
+      isinstance(module, WithFeatures) and isinstance(module.module, nnx_bridge.bridge.ToLinen)):
+    every = module.clone(features=None)
+  if every is not None:
+    _, feats = jax.eval_shape(lambda v, x: every.apply(v, x, return_features=True, **apply_kwargs), variables, x)
+    return {p: jax.tree.map(lambda s: tuple(s.shape), v) for p, v in sorted(feats.items())}
   seen, interceptor = _recorder()
 
   def run(variables, x):
@@ -171,6 +186,10 @@ class WithFeatures(nn.Module):
   train_kwarg: str | None = "auto"
 
   def __post_init__(self):
+    from kd_jax.models import nnx_bridge  # an NNX model in `nnx.bridge.ToLinen`: its features by NNX capture
+
+    if isinstance(self.module, nnx_bridge.bridge.ToLinen):
+      object.__setattr__(self, "module", nnx_bridge.as_to_linen(self.module))
     object.__setattr__(self, "features", feature_pairs(self.features, what=type(self.module).__name__))
     super().__post_init__()
 
@@ -181,6 +200,11 @@ class WithFeatures(nn.Module):
 
   @nn.compact
   def __call__(self, x: Any, *, train: bool = False, return_features: bool = False):
+    from kd_jax.models import nnx_bridge
+
+    if isinstance(self.module, nnx_bridge.bridge.ToLinen):
+      return nnx_bridge.call_to_linen(self.module, x, train=train, return_features=return_features,
+                                      features=self.features, train_kwarg=self.train_kwarg)
     kwargs = flag_kwargs(call_flag(self.module, self.train_kwarg), train)
     seen, interceptor = _recorder(tuple(self.path) + (self.module.name,))
     with nn.intercept_methods(interceptor):

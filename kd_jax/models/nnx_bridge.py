@@ -92,24 +92,40 @@ class FromNNX(nn.Module):
 
   @nn.compact
   def __call__(self, x: Any, *, train: bool = False, return_features: bool = False):
-    train_kwarg, features, what = self.train_kwarg, self.features, getattr(self.nnx_class, "__name__", "NNX model")
-
-    def run(module: nnx.Module, x: Any):
-      flag = call_flag(module, train_kwarg)
-      if flag is None:
-        module.train() if train else module.eval()
-      call = lambda module, x: module(x, **flag_kwargs(flag, train))
-      if not return_features:
-        return call(module, x)
-      logits, intermediates = nnx.capture(call, nnx.Intermediate, method_outputs=nnx.Intermediate)(module, x)
-      seen = _recorded(intermediates)
-      if features is None:
-        return logits, {path: outs[0] if len(outs) == 1 else tuple(outs) for path, outs in sorted(seen.items())}
-      picked = _pick(seen, [path for _, path in features], what)
-      return logits, {name: picked[path] for name, path in features}
-
     wrapped = _ToLinen(self.nnx_class, args=self.args, kwargs=FrozenDict(self.kwargs), name="module")
-    return wrapped(x, nnx_method=run)
+    return call_to_linen(wrapped, x, train=train, return_features=return_features, features=self.features,
+                         train_kwarg=self.train_kwarg)
+
+
+def as_to_linen(module: bridge.ToLinen) -> _ToLinen:
+  """A `bridge.ToLinen` as the `_ToLinen` that reads checkpointed list indices (same fields, unbound;
+  arguments frozen, so that the module is hashable)."""
+  if isinstance(module, _ToLinen):
+    return module
+  return _ToLinen(module.nnx_class, args=_frozen(module.args), kwargs=_frozen(module.kwargs),
+                  skip_rng=module.skip_rng, metadata_fn=module.metadata_fn, parent=None)
+
+
+def call_to_linen(wrapped: bridge.ToLinen, x: Any, *, train: bool, return_features: bool, features,
+                  train_kwarg: str | None):
+  """Runs the NNX module inside `wrapped` in the zoo protocol: logits, or (logits, {name: output})."""
+  what = getattr(wrapped.nnx_class, "__name__", "NNX model")
+
+  def run(module: nnx.Module, x: Any):
+    flag = call_flag(module, train_kwarg)
+    if flag is None:
+      module.train() if train else module.eval()
+    call = lambda module, x: module(x, **flag_kwargs(flag, train))
+    if not return_features:
+      return call(module, x)
+    logits, intermediates = nnx.capture(call, nnx.Intermediate, method_outputs=nnx.Intermediate)(module, x)
+    seen = _recorded(intermediates)
+    if features is None:
+      return logits, {path: outs[0] if len(outs) == 1 else tuple(outs) for path, outs in sorted(seen.items())}
+    picked = _pick(seen, [path for _, path in features], what)
+    return logits, {name: picked[path] for name, path in features}
+
+  return wrapped(x, nnx_method=run)
 
 
 def from_nnx(nnx_class: Callable[..., nnx.Module], *args: Any,
@@ -144,8 +160,6 @@ def _frozen(value: Any) -> Any:
 
 def nnx_feature_paths(model: FromNNX, variables: Mapping[str, Any], x: Any) -> dict[str, Any]:
   """{attribute path: output shape(s)} of every submodule call of the NNX model; nothing is computed."""
-  import jax
+  from kd_jax.models.features import module_paths
 
-  every = model.clone(features=None)
-  _, feats = jax.eval_shape(lambda v, x: every.apply(v, x, return_features=True), variables, x)
-  return {p: jax.tree.map(lambda s: tuple(s.shape), v) for p, v in sorted(feats.items())}
+  return module_paths(model, variables, x)
