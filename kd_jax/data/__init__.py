@@ -15,6 +15,10 @@ Sources:
   reverse  synthetic sequence reversal, token ids int32 [N, 2, T] with per-position
     labels [N, T] (`sequences.TokenDataset`, whose `input_dtype` is int32: inputs
     that are not uint8 pixels are neither normalised nor augmented)
+
+Your own data: `register(name, loader)` with `from_arrays` (numpy arrays, any
+numeric features; `arrays.ArrayDataset`) or `register_tfds(name)` (any TFDS
+image/label dataset, its class count and shapes from the builder's info).
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ from kd_jax.data.prefetch import prefetch
 if TYPE_CHECKING:
   from kd_jax.data.imagenet import ImageNetSource
 
-__all__ = ["Dataset", "load", "names", "prefetch", "register", "batch_indices", "steps_per_epoch", "data_dir",
-           "labelled_subset", "train_subset"]
+__all__ = ["Dataset", "load", "names", "prefetch", "register", "register_tfds", "from_arrays", "ArrayDataset",
+           "batch_indices", "steps_per_epoch", "data_dir", "labelled_subset", "train_subset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +169,52 @@ def names() -> list[str]:
 
 
 def register(name: str, loader: Callable[[str | None], Dataset]) -> None:
-  """Adds a dataset: `loader(directory) -> Dataset` (directory: config.data.dir or $KD_JAX_DATA_DIR)."""
-  if name in _SOURCES:
-    raise ValueError(f"dataset {name!r} is already registered")
+  """Adds a dataset: `loader(directory) -> Dataset` (directory: config.data.dir or $KD_JAX_DATA_DIR).
+
+  The loader is called by every `load` (each run); a `from_arrays` dataset is the usual
+  result. Registering the same loader again (a re-imported config) replaces it; another
+  loader under a registered name is an error.
+  """
+  from kd_jax.models import same_definition  # one rule for both registries
+
+  old = _SOURCES.get(name)
+  if old is not None and not same_definition(old, loader):
+    raise ValueError(f"dataset {name!r} is already registered (by {getattr(old, '__qualname__', old)!s}); register "
+                     f"{getattr(loader, '__qualname__', loader)!s} under another name")
   _SOURCES[name] = loader
+
+
+def register_tfds(name: str, *, tfds_name: str | None = None, scale: float = 1.0 / 255.0, mean=(0.0,),
+                  std=(1.0,)) -> None:
+  """Registers the TFDS image/label dataset `tfds_name` (default `name`) as dataset `name`.
+
+  Its "train" and "test" splits are read into memory (uint8 images [N, H, W, C], labels [N]);
+  the class count comes from the builder's info ("label" a ClassLabel). `scale`, `mean`, `std`
+  (per channel, or one value for all) normalise the pixels on device. Data is looked for in
+  config.data.dir / $KD_JAX_DATA_DIR, then TFDS's own directory, else downloaded (`tfds_source`).
+  """
+  source_name = tfds_name or name
+
+  def load_tfds(directory):
+    from kd_jax.data import tfds_source
+
+    builder = tfds_source.prepared_builder(source_name, directory)
+    classes = tfds_source._label_classes(builder)
+    if classes is None:
+      raise ValueError(f"dataset {name!r}: TFDS {source_name!r} has no ClassLabel feature 'label' to count the "
+                       "classes from; load it yourself and register a from_arrays dataset")
+    channels = builder.info.features["image"].shape[-1]
+    per_channel = lambda v: tuple(float(c) for c in np.broadcast_to(np.asarray(v, np.float64).reshape(-1),
+                                                                    (channels,)))
+    dataset = tfds_source.load(source_name, num_classes=classes, scale=scale, mean=per_channel(mean),
+                               std=per_channel(std), data_dir=directory)
+    return dataclasses.replace(dataset, name=name)
+
+  load_tfds.__qualname__ = f"register_tfds({source_name!r})"
+  register(name, load_tfds)
+
+
+from kd_jax.data.arrays import ArrayDataset, from_arrays  # noqa: E402  (it subclasses Dataset)
 
 
 def load(name: str, *, directory: str | None = None) -> Dataset:

@@ -12,16 +12,25 @@ Every zoo model follows one protocol::
 Features are named `stage1..stageN` (each stage's output), `stageK_preact` (the
 same before the final ReLU, where the block ends in one) and `pre_logits` (the
 pooled embedding that feeds the classifier).
+
+Your own models: `register` any constructor returning a linen module; one that
+does not follow the protocol (no `return_features`) is wrapped by `create` in
+`WithFeatures` (features: its submodules' outputs by module path, params under
+'module'). NNX models go through `from_nnx`; a teacher trained elsewhere becomes
+a teacher directory with `import_teacher`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax.nnx import bridge
 
-__all__ = ["register", "create", "names", "input_shape", "select_features", "ModelSpec"]
+__all__ = ["register", "create", "names", "input_shape", "select_features", "ModelSpec", "same_definition",
+           "WithFeatures", "capture", "module_paths", "feature_shapes", "from_nnx", "FromNNX", "import_teacher"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +43,53 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
+def _definition(fn: Any) -> Any:
+  """What identifies a constructor across re-imports: its code's place (file, line, qualified name)."""
+  if isinstance(fn, functools.partial):
+    return (_definition(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
+  code = getattr(fn, "__code__", None)
+  if code is None:
+    return fn
+  # Plain values a closure captured (register_tfds's options) tell apart two uses of one definition.
+  cells = tuple(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))
+  plain = all(isinstance(c, (str, int, float, bool, tuple, type(None))) for c in cells)
+  return (code.co_filename, code.co_firstlineno, getattr(fn, "__qualname__", None), cells if plain else None)
+
+
+def same_definition(a: Any, b: Any) -> bool:
+  """Whether `a` and `b` are one constructor: the same object, or the same definition run again
+  (a config file imported twice defines new function objects from the same source lines)."""
+  if a is b:
+    return True
+  try:
+    return _definition(a) == _definition(b)
+  except (TypeError, ValueError):  # arguments that do not compare (arrays)
+    return False
+
+
 def register(name: str, *, input_shape: Sequence[int] | None):
-  """Decorator: registers `constructor(num_classes=..., **kwargs) -> nn.Module`."""
+  """Decorator: registers `constructor(num_classes=..., **kwargs) -> nn.Module` as model `name`.
+
+  Registering the same constructor again (a re-imported config) replaces it; another
+  constructor under a registered name is an error.
+  """
 
   def wrap(constructor):
-    if name in _REGISTRY:
-      raise ValueError(f"model {name!r} is registered twice")
-    _REGISTRY[name] = ModelSpec(name, constructor, None if input_shape is None else tuple(input_shape))
+    shape = None if input_shape is None else tuple(input_shape)
+    old = _REGISTRY.get(name)
+    if old is not None and not (same_definition(old.constructor, constructor) and old.input_shape == shape):
+      raise ValueError(f"model {name!r} is already registered (by {_describe(old.constructor)}, input_shape "
+                       f"{old.input_shape}); register {_describe(constructor)} under another name")
+    _REGISTRY[name] = ModelSpec(name, constructor, shape)
     return constructor
 
   return wrap
+
+
+def _describe(fn: Any) -> str:
+  code = getattr(fn, "__code__", None)
+  where = f" at {code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}{where}"
 
 
 def _unknown(name: str) -> ValueError:
@@ -59,10 +105,42 @@ def spec(name: str) -> ModelSpec:
 
 
 def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Returns the registered model `name` with `num_classes` outputs."""
+  """Returns the registered model `name` with `num_classes` outputs, in the zoo protocol.
+
+  A module that does not take `return_features` is wrapped in `WithFeatures(module)`
+  (its features: every submodule's output, by module path); an `nnx.bridge.ToLinen`
+  becomes a `FromNNX` (the same, for the NNX module's attributes).
+  """
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-  return spec(name).constructor(num_classes=num_classes, **kwargs)
+  module = spec(name).constructor(num_classes=num_classes, **kwargs)
+  if not isinstance(module, nn.Module):
+    raise ValueError(f"model {name!r}: its constructor returned a {type(module).__name__}, not a flax.linen "
+                     "Module (an NNX model goes through kd_jax.models.from_nnx)")
+  module = as_protocol(module)
+  try:
+    hash(module)
+  except TypeError as e:
+    bad = [f.name for f in dataclasses.fields(module) if not _hashable(getattr(module, f.name, None))]
+    raise ValueError(f"model {name!r}: the module is not hashable (the engine's jitted steps take it as a static "
+                     f"argument); attributes {bad or '(nested)'} hold lists or dicts: convert them in the "
+                     "constructor (tuple(widths), flax.core.FrozenDict(options))") from e
+  return module
+
+
+def _hashable(value: Any) -> bool:
+  try:
+    hash(value)
+    return True
+  except TypeError:
+    return False
+
+
+def as_protocol(module: nn.Module) -> nn.Module:
+  """`module` itself if it takes `return_features`, else wrapped so that it does (see `create`)."""
+  if isinstance(module, bridge.ToLinen):
+    return from_nnx(module.nnx_class, *module.args, **dict(module.kwargs))
+  return module if follows_protocol(module) else WithFeatures(module)
 
 
 def names() -> list[str]:
@@ -97,7 +175,10 @@ from kd_jax.models import one  # noqa: E402,F401  (ONE's multi-branch version of
 from kd_jax.models import sla  # noqa: E402,F401  (SLA's joint (class, rotation) classifier on a zoo model)
 from kd_jax.models import group  # noqa: E402,F401  (different zoo models trained side by side)
 # Feature capture for modules outside the zoo.
-from kd_jax.models.features import WithFeatures, capture, feature_shapes, module_paths  # noqa: E402,F401
+from kd_jax.models.features import (  # noqa: E402,F401
+    WithFeatures, capture, feature_shapes, follows_protocol, module_paths)
+from kd_jax.models.nnx_bridge import FromNNX, from_nnx, nnx_feature_paths  # noqa: E402,F401
+from kd_jax.models.teachers import import_teacher  # noqa: E402,F401
 from kd_jax.models import quantized  # noqa: E402,F401  (quantized distillation's k-bit version of a zoo model)
 from kd_jax.models import residual  # noqa: E402,F401  (a student with a residual-error assistant)
 from kd_jax.models import blockwise  # noqa: E402,F401  (progressive blockwise KD's hybrid MLPs)

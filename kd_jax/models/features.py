@@ -13,16 +13,18 @@ them.
 
     logits, feats = capture(model, variables, x, ["layer1_0", "layer2_0"], train=False)
     teacher = WithFeatures(MyNet(num_classes=10), {"stage1": "block1", "pre_logits": "pool"})
+    student = WithFeatures(MyNet(num_classes=10))   # every submodule's output, named by its path
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["capture", "module_paths", "feature_shapes", "WithFeatures"]
+__all__ = ["capture", "module_paths", "feature_shapes", "WithFeatures", "TRAIN_KWARGS"]
 
 
 def _recorder(prefix: tuple[str, ...] = ()) -> tuple[dict[str, list[Any]], Callable[..., Any]]:
@@ -72,7 +74,22 @@ def capture(module: nn.Module, variables: Mapping[str, Any], x: Any, paths: Sequ
 
 
 def module_paths(module: nn.Module, variables: Mapping[str, Any], x: Any, **apply_kwargs: Any) -> dict[str, Any]:
-  """{module path: output shape(s)} of every submodule call; abstract evaluation, nothing is computed."""
+  """{module path: output shape(s)} of every submodule call; abstract evaluation, nothing is computed.
+
+  For an NNX model (`nnx.bridge.ToLinen`, `from_nnx`, `WithFeatures` of either) the paths are the NNX
+  module's attribute paths, as `from_nnx(features=...)` takes them.
+  """
+  from kd_jax.models import nnx_bridge
+
+  every = None
+  if isinstance(module, nnx_bridge.bridge.ToLinen):
+    every, variables = WithFeatures(module), {c: {"module": tree} for c, tree in variables.items()}
+  elif isinstance(module, nnx_bridge.FromNNX) or (
+      isinstance(module, WithFeatures) and isinstance(module.module, nnx_bridge.bridge.ToLinen)):
+    every = module.clone(features=None)
+  if every is not None:
+    _, feats = jax.eval_shape(lambda v, x: every.apply(v, x, return_features=True, **apply_kwargs), variables, x)
+    return {p: jax.tree.map(lambda s: tuple(s.shape), v) for p, v in sorted(feats.items())}
   seen, interceptor = _recorder()
 
   def run(variables, x):
@@ -96,6 +113,52 @@ def feature_shapes(module: nn.Module, input_shape: Sequence[int], *, batch: int 
   return {k: tuple(v.shape) for k, v in sorted(feats.items())}
 
 
+TRAIN_KWARGS = ("train", "training", "is_training", "deterministic")
+
+
+def call_flag(module: Any, train_kwarg: str | None) -> str | None:
+  """The train flag to pass `module` ("auto": the first of TRAIN_KWARGS its `__call__` takes; None: none)."""
+  if train_kwarg != "auto":
+    return train_kwarg
+  try:
+    parameters = inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return None
+  return next((name for name in TRAIN_KWARGS if name in parameters), None)
+
+
+def flag_kwargs(flag: str | None, train: bool) -> dict[str, bool]:
+  """{flag: train} ({flag: not train} for 'deterministic'), or {} without a flag."""
+  if flag is None:
+    return {}
+  return {flag: (not train) if flag == "deterministic" else train}
+
+
+def feature_pairs(features: Mapping[str, str] | Sequence[str] | None, *,
+                  what: str) -> tuple[tuple[str, str], ...] | None:
+  """A feature map as hashable (name, path) pairs: a dict {name: path}, a sequence of paths (each its own
+  name), or None (every submodule's output, named by its path)."""
+  if features is None:
+    return None
+  if isinstance(features, str):
+    raise ValueError(f"{what}: features must be a dict {{name: module path}} or a list of module paths, "
+                     f"got the string {features!r}")
+  items = tuple(features.items()) if isinstance(features, Mapping) else tuple(
+      (p, p) if isinstance(p, str) else tuple(p) for p in features)
+  for item in items:
+    if len(item) != 2 or not all(isinstance(v, str) for v in item):
+      raise ValueError(f"{what}: features must map names to module paths (str), got {item!r}")
+  return items
+
+
+def pick_features(seen: Mapping[str, list[Any]], pairs: tuple[tuple[str, str], ...] | None, what: str):
+  """{feature name: recorded output} for `pairs` (None: every recorded path)."""
+  if pairs is None:
+    return {path: outs[0] if len(outs) == 1 else tuple(outs) for path, outs in sorted(seen.items())}
+  picked = _pick(seen, [path for _, path in pairs], what)
+  return {name: picked[path] for name, path in pairs}
+
+
 class WithFeatures(nn.Module):
   """Wraps a user's module in the zoo protocol, its features picked by module path.
 
@@ -105,26 +168,55 @@ class WithFeatures(nn.Module):
   The wrapped module's variables sit under the key 'module' (e.g.
   `{'params': {'module': net_params}}`).
 
+  The feature map may be a dict, a list of paths (each its own name) or None
+  (every submodule's output, named by its path; XLA drops those no loss reads).
+  It is stored as a tuple of (name, path) pairs, so the module stays hashable
+  (the engine's jitted steps take it as a static argument).
+
   Attributes:
     module: the user's module; called as `module(x, **{train_kwarg: train})`.
-    features: feature name -> module path (relative to `module`).
+    features: feature name -> module path (relative to `module`), see above.
     train_kwarg: name of the module's train flag; 'deterministic' is passed
-      `not train`; None: not passed.
+      `not train`; "auto": the first of `TRAIN_KWARGS` its `__call__` takes;
+      None: not passed.
   """
 
   module: nn.Module
-  features: Mapping[str, str]
-  train_kwarg: str | None = "train"
+  features: Any = None
+  train_kwarg: str | None = "auto"
+
+  def __post_init__(self):
+    from kd_jax.models import nnx_bridge  # an NNX model in `nnx.bridge.ToLinen`: its features by NNX capture
+
+    if isinstance(self.module, nnx_bridge.bridge.ToLinen):
+      object.__setattr__(self, "module", nnx_bridge.as_to_linen(self.module))
+    object.__setattr__(self, "features", feature_pairs(self.features, what=type(self.module).__name__))
+    super().__post_init__()
+
+  @property
+  def feature_map(self) -> dict[str, str] | None:
+    """The features as a dict {name: module path}; None: every submodule's output."""
+    return None if self.features is None else dict(self.features)
 
   @nn.compact
   def __call__(self, x: Any, *, train: bool = False, return_features: bool = False):
-    kwargs = {}
-    if self.train_kwarg is not None:
-      kwargs[self.train_kwarg] = (not train) if self.train_kwarg == "deterministic" else train
+    from kd_jax.models import nnx_bridge
+
+    if isinstance(self.module, nnx_bridge.bridge.ToLinen):
+      return nnx_bridge.call_to_linen(self.module, x, train=train, return_features=return_features,
+                                      features=self.features, train_kwarg=self.train_kwarg)
+    kwargs = flag_kwargs(call_flag(self.module, self.train_kwarg), train)
     seen, interceptor = _recorder(tuple(self.path) + (self.module.name,))
     with nn.intercept_methods(interceptor):
       logits = self.module(x, **kwargs)
     if not return_features:
       return logits
-    picked = _pick(seen, list(self.features.values()), type(self.module).__name__)
-    return logits, {name: picked[path] for name, path in self.features.items()}
+    return logits, pick_features(seen, self.features, type(self.module).__name__)
+
+
+def follows_protocol(module: nn.Module) -> bool:
+  """Whether `module.__call__` takes `return_features` (the zoo protocol)."""
+  try:
+    return "return_features" in inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return True

@@ -193,7 +193,7 @@ def _check_data(config, row, name: str, dataset, mesh_shape) -> None:
   _choice(row.augment, augment_lib.KINDS, f"rows.{name}.augment")
   if input_dtype(dataset) != np.uint8 and row.augment != "none":
     raise ConfigError(f"rows.{name}.augment={row.augment!r} needs images, but dataset {dataset.name!r} has "
-                      f"{input_dtype(dataset)} inputs (token ids); use augment='none'")
+                      f"{input_dtype(dataset)} inputs, not uint8 images; use augment='none'")
   expected = models.input_shape(row.model)
   if expected is not None and expected != dataset.input_shape:
     raise ConfigError(f"rows.{name}.model {row.model!r} takes inputs {expected}, but dataset "
