@@ -15,7 +15,7 @@ from sklearn import model_selection
 
 from kd_jax import data, models, train
 from kd_jax.models import teachers
-from kd_jax.train import checkpoint, engine, loop
+from kd_jax.train import checkpoint, engine, loop, planning, stages
 from kd_jax.train import mesh as mesh_lib
 
 
@@ -129,13 +129,13 @@ def test_linen_and_nnx_teachers_and_students_with_feature_terms_by_path(tmp_path
   # The AT term saw the NNX student's and the linen teacher's own activations: a student reloaded from final/
   # gives the accuracy the run reported.
   dataset = data.load("digits")
-  module, teacher_variables = loop.load_teacher(os.path.join(workdir, "nnx_student", "final"), dataset, row_name="t")
+  module, teacher_variables = stages.load_teacher(os.path.join(workdir, "nnx_student", "final"), dataset, row_name="t")
   assert _kd_jax_accuracy(module, teacher_variables, dataset)[1] == results["nnx_student"]["test_errors"]
 
 
 def _kd_jax_accuracy(module, variables, dataset):
   mesh = mesh_lib.make_mesh()
-  eval_step = engine.make_eval_step(module, loop._normalizer(dataset), mesh)
+  eval_step = engine.make_eval_step(module, planning.normalizer(dataset), mesh)
   stacked = jax.tree.map(lambda x: np.asarray(x)[None], variables)
   result = loop.evaluate(eval_step, stacked, dataset, 360, mesh)
   return result["test_accuracy"], result["test_errors"]
@@ -168,7 +168,7 @@ def test_teacher_trained_elsewhere_from_msgpack_distils_a_student(tmp_path):
   # Imported by the command line; the plain module's params are nested under "module" (create wraps it).
   teacher_dir = teachers.main(["--model=own_plain_mlp", f"--variables={path}", "--num_classes=10",
                                "--input_shape=64", f"--out={tmp_path / 'teacher'}"])
-  module, variables = loop.load_teacher(teacher_dir, dataset, row_name="check")
+  module, variables = stages.load_teacher(teacher_dir, dataset, row_name="check")
   assert set(variables["params"]) == {"module"}
   assert _kd_jax_accuracy(module, variables, dataset)[1] == 360 - outside_correct
   # A student on the float ArrayDataset learns from it with the KD term alone (no labels).
@@ -339,7 +339,7 @@ def test_import_an_nnx_teacher_from_its_state(tmp_path):
   directory = teachers.import_teacher(str(tmp_path / "nnx"), "own_nnx", nnx.state(net), num_classes=10,
                                       input_shape=(8, 8, 1))
   dataset = data.load("digits")
-  module, variables = loop.load_teacher(directory, dataset, row_name="check")
+  module, variables = stages.load_teacher(directory, dataset, row_name="check")
   assert set(variables) == {"params", "batch_stats"}
   np.testing.assert_allclose(module.apply(variables, x), net(x), rtol=1e-5, atol=1e-5)
 

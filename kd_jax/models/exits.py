@@ -9,7 +9,7 @@ exits, for multi-exit networks whose early exits should cost less than the final
 `exit_<stage>_logits` [B, classes]; the wrapped model's own features and logits
 are unchanged (its logits are the deepest exit). The evaluation reports each
 exit's test accuracy as `test_accuracy/exit_<stage>` and its cost (FLOPs and
-params up to it) in the result's `cost` (`eval_heads`; kd_jax/train/loop.py).
+params up to it) in the result's `cost` (`eval_heads`; kd_jax/train/stages.py).
 
   model = kd_jax.models.create("with_exits", num_classes=100, base="resnet8",
                                stages=("stage1", "stage2"))
