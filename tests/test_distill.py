@@ -108,7 +108,7 @@ def test_cskd_pairs_examples_of_the_same_class():
 
 
 def test_fsp_term_mean_reduction_averages_each_matrix_as_repdistiller():
-  """RepDistiller's FSP loss is (G_s - G_t)².mean() per pair of maps (its weight 50 is tuned for that)."""
+  """RepDistiller's FSP loss is (G_s - G_t)².mean() per pair of maps."""
   keys = jax.random.split(jax.random.PRNGKey(3), 6)
   shapes = {"stem": (2, 8, 8, 3), "stage1": (2, 8, 8, 4), "stage2": (2, 4, 4, 5)}
   student = Outputs(jnp.zeros((2, 10)), {n: jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys[:3])})

@@ -84,3 +84,89 @@ def test_dkd_epoch_warmup_is_mdistillers_staircase():
   assert float(linear.weight("dkd", jnp.int32(5))) == 0.5
   with pytest.raises(ValueError, match="warmup_shape must be 'linear' or 'epoch', got 'cosine'"):
     Objective({"dkd": {"warmup_shape": "cosine"}})
+
+
+def _repdistiller_cc(f_s, f_t):
+  """RepDistiller distiller_zoo/CC.py `Correlation.forward`."""
+  delta = np.abs(f_s - f_t)
+  return np.mean((delta[:-1] * delta[1:]).sum(1))
+
+
+def test_repdistiller_cc_is_its_correlation_and_the_crd_table_uses_it():
+  from experiments.configs import crd_cifar100
+
+  f_s, f_t = RNG.normal(size=(64, 128)), RNG.normal(size=(64, 128))
+  np.testing.assert_allclose(losses.consecutive_correlation_loss(jnp.asarray(f_s, jnp.float32),
+                                                                 jnp.asarray(f_t, jnp.float32)),
+                             _repdistiller_cc(f_s, f_t), rtol=1e-5)
+  # The table's CC row on pooled features: both LinearEmbed layers (x Wᵀ + b, torch layout) then CC.py.
+  terms = crd_cifar100.method_terms("cc", "resnet32x4", "resnet8x4")
+  assert terms["cc"] == {"weight": 0.02, "variant": "repdistiller"}
+  student = Outputs(jnp.zeros((64, 100)), {"pre_logits": jnp.asarray(np.abs(RNG.normal(size=(64, 256))), jnp.float32)})
+  teacher = Outputs(jnp.zeros((64, 100)), {"pre_logits": jnp.asarray(np.abs(RNG.normal(size=(64, 256))), jnp.float32)})
+  objective = Objective(terms)
+  params, state = objective.init(jax.random.PRNGKey(0), student, teacher)
+  _, metrics, _ = objective(params, state, student, teacher, {"label": jnp.zeros(64, jnp.int32)}, step=jnp.int32(0))
+  embed = lambda x, p: np.asarray(x, np.float64) @ np.asarray(p["linear"]["kernel"]) + np.asarray(p["linear"]["bias"])
+  expected = _repdistiller_cc(embed(student.features["pre_logits"], params["cc"]["student"]),
+                              embed(teacher.features["pre_logits"], params["cc"]["teacher"]))
+  np.testing.assert_allclose(metrics["loss/cc"], expected, rtol=1e-4)
+  # The paper's formula stays available, and is a much smaller quantity on the same embeddings.
+  paper = Objective({"cc": {"weight": 0.02}})
+  _, paper_metrics, _ = paper(params, state, student, teacher, {}, step=jnp.int32(0))
+  assert float(paper_metrics["loss/cc"]) < 1e-3 * float(metrics["loss/cc"])
+  with pytest.raises(ValueError, match="variant must be 'paper' or 'repdistiller', got 'rbf'"):
+    Objective({"cc": {"variant": "rbf"}})
+
+
+def _ab_hinge(source, target, margin=1.0):
+  """RepDistiller AB.py `criterion_alternative_l2` (summed over the batch)."""
+  loss = ((source + margin) ** 2 * ((source > -margin) & (target <= 0))
+          + (source - margin) ** 2 * ((source <= margin) & (target > 0)))
+  return np.abs(loss).sum()
+
+
+def test_ab_weights_its_stages_as_repdistiller_and_the_authors():
+  """ABLoss: stage i of n weighted 2^(i−n+1), divided by the batch size, times 3/1000."""
+  from kd_jax.distill import features as distill_features
+
+  shapes = [(4, 8, 8, 4), (4, 4, 4, 6), (4, 2, 2, 8)]
+  names = ["stage1_preact", "stage2_preact", "stage3_preact"]
+  maps = lambda: {n: jnp.asarray(RNG.normal(size=s), jnp.float32) for n, s in zip(names, shapes)}
+  student, teacher = Outputs(jnp.zeros((4, 10)), maps()), Outputs(jnp.zeros((4, 10)), maps())
+  objective = Objective({"ab": {"weight": 1.0}})
+  params, state = objective.init(jax.random.PRNGKey(0), student, teacher)
+  total, _, _ = objective(params, state, student, teacher, {}, step=jnp.int32(0))
+  term = objective.terms["ab"]
+  expected = 0.0
+  for i, name in enumerate(names):
+    s, t = student.features[name], teacher.features[name]
+    out, _ = distill_features.apply_connector(term.connector(s, t), params["ab"][f"pair{i}"],
+                                              state["ab"][f"pair{i}"], s)
+    expected += 2.0 ** (i - 3 + 1) * _ab_hinge(np.asarray(out, np.float64), np.asarray(t, np.float64)) / 4 / 1000 * 3
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+
+
+def test_fsp_init_stage_sums_the_per_pair_means_with_no_factor():
+  """RepDistiller helper/pretrain.py: loss = sum(FSP(feat_s[:-1], feat_t[:-1])); its -b 50 never reaches it."""
+  from experiments.configs import crd_cifar100
+
+  terms = crd_cifar100.method_terms("fsp_init", "resnet32x4", "resnet8x4")
+  assert terms["fsp"]["weight"] == 1.0 and terms["fsp"]["reduction"] == "mean"
+
+
+def test_at_table_kd_is_the_2017_code_s_kl_div_average():
+  """szagoruyko/attention-transfer before "fix KL" (4133ac5): kl_div averaged over B·K, times T²·2α, + (1−α)·CE."""
+  from experiments.configs import at_cifar10
+
+  s, t = RNG.normal(size=(32, 10)) * 2, RNG.normal(size=(32, 10)) * 4
+  labels = RNG.integers(0, 10, 32)
+  T, alpha = 4.0, 0.9
+  log_p_s, log_p_t = _log_softmax(s / T), _log_softmax(t / T)
+  kl_div_mean = np.mean(np.exp(log_p_t) * (log_p_t - log_p_s))  # F.kl_div's size_average over every element
+  ce = -np.mean(_log_softmax(s)[np.arange(32), labels])
+  expected = kl_div_mean * (T * T * 2.0 * alpha) + ce * (1.0 - alpha)
+  objective = Objective(at_cifar10.method_terms("kd"))
+  total, _, _ = objective({}, {}, Outputs(jnp.asarray(s, jnp.float32)), Outputs(jnp.asarray(t, jnp.float32)),
+                          {"label": jnp.asarray(labels)}, step=jnp.int32(0))
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
