@@ -170,3 +170,13 @@ def test_at_table_kd_is_the_2017_code_s_kl_div_average():
   total, _, _ = objective({}, {}, Outputs(jnp.asarray(s, jnp.float32)), Outputs(jnp.asarray(t, jnp.float32)),
                           {"label": jnp.asarray(labels)}, step=jnp.int32(0))
   np.testing.assert_allclose(total, expected, rtol=1e-5)
+
+
+def test_mnist_self_paper_figures_are_accuracies():
+  """The table's metric is test accuracy (%): Hinton et al.'s 146 test errors are 98.54%."""
+  from experiments.configs import mnist_self
+
+  config = mnist_self.get_config()
+  assert config.paper_metric == "test_accuracy"
+  assert float(config.rows.student.paper) == 98.54
+  assert all(r.paper == "" or 0 < float(r.paper) <= 100 for r in config.rows.values())
