@@ -96,7 +96,7 @@ def test_bad_temperatures_are_refused():
 def test_cskd_pairs_examples_of_the_same_class():
   labels = jnp.array([0, 1, 0, 2, 1, 3])  # class 2 and 3 have no partner
   logits = jax.random.normal(jax.random.PRNGKey(3), (6, 4))
-  objective = Objective({"cskd": {"temperature": 2.0}})
+  objective = Objective({"cskd": {"temperature": 2.0, "mean_over": "batch"}})
   _, _, _ = objective({}, {}, Outputs(logits), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, step=jnp.int32(0))
   term = objective.terms["cskd"]
   values, _ = term(Outputs(logits), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, {}, {}, step=jnp.int32(0))

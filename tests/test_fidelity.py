@@ -180,3 +180,30 @@ def test_mnist_self_paper_figures_are_accuracies():
   assert config.paper_metric == "test_accuracy"
   assert float(config.rows.student.paper) == 98.54
   assert all(r.paper == "" or 0 < float(r.paper) <= 100 for r in config.rows.values())
+
+
+def test_cskd_batch_mean_is_the_mean_over_the_paired_rows():
+  """alinlab/cs-kd pairs every example (PairBatchSampler); kd_jax's batch mean is the mean over rows with a partner."""
+  labels = jnp.array([0, 1, 0, 2, 1, 3, 0, 4])  # classes 2, 3, 4 have a single member
+  logits = jnp.asarray(RNG.normal(size=(8, 5)), jnp.float32)
+  batch = {"label": labels, "rng": jax.random.PRNGKey(1)}
+  paired, _, _ = Objective({"cskd": {"temperature": 4.0}})({}, {}, Outputs(logits), None, batch, step=jnp.int32(0))
+  term = Objective({"cskd": {"temperature": 4.0, "mean_over": "batch"}}).terms["cskd"]
+  values, _ = term(Outputs(logits), None, batch, {}, {}, step=jnp.int32(0))
+  has_partner = np.array([1, 1, 1, 0, 1, 0, 1, 0], bool)
+  # Each paired row's KL against a same-class partner, numpy: T² Σ p_partner (log p_partner − log p_row).
+  z, lab = np.asarray(logits, np.float64) / 4.0, np.asarray(labels)
+  kls = []
+  for i in np.flatnonzero(has_partner):
+    j = [k for k in range(8) if k != i and lab[k] == lab[i] and np.isclose(values[i], _kl(z[k], z[i]), rtol=1e-4)]
+    assert j, i  # the term's value is the KL to one of the row's class mates
+    kls.append(_kl(z[j[0]], z[i]))
+  np.testing.assert_allclose(paired, np.mean(kls), rtol=1e-4)
+  np.testing.assert_allclose(np.mean(np.asarray(values)), np.sum(kls) / 8, rtol=1e-4)  # the old, 5/8 as large
+  with pytest.raises(ValueError, match="mean_over must be 'paired' or 'batch', got 'all'"):
+    Objective({"cskd": {"mean_over": "all"}})
+
+
+def _kl(z_target, z):
+  log_p, log_q = _log_softmax(z_target), _log_softmax(z)
+  return 16.0 * np.sum(np.exp(log_p) * (log_p - log_q))

@@ -42,13 +42,20 @@ class ClassWiseSelfKD(Term):
 
   Each example is paired with another example of its class in the same batch
   (chosen at random each step); the term is T² · KL(p(partner) ‖ p(example)) with
-  the partner's prediction as a constant, and 0 for examples whose class has no
-  other member in the batch. (The paper draws the pairs with a sampler; pairing
-  within the batch keeps the data order a pure function of (seed, step).)
+  the partner's prediction as a constant. The authors' `PairBatchSampler`
+  (alinlab/cs-kd) draws a partner from the whole training set for *every* example;
+  within a batch some classes have a single member (at batch 128 with 100 classes
+  about 28% of the rows), so those rows get 0 and, with mean_over="paired" (default),
+  the others are scaled by B / (rows with a partner): the batch mean is then the mean
+  over the paired rows, the reference's per-example mean in expectation, instead of
+  ~0.72x it (mean_over="batch"). Pairing within the batch keeps the data order a pure
+  function of (seed, step) and costs no second forward pass.
   """
 
-  def __init__(self, temperature: float = 4.0):
-    self.temperature = temperature
+  def __init__(self, temperature: float = 4.0, mean_over: str = "paired"):
+    if mean_over not in ("paired", "batch"):
+      raise ValueError(f"cskd: mean_over must be 'paired' or 'batch', got {mean_over!r}")
+    self.temperature, self.mean_over = temperature, mean_over
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     labels = batch["label"]
@@ -58,7 +65,10 @@ class ClassWiseSelfKD(Term):
     partner = jnp.argmax(jnp.where(same, score, -1.0), axis=1)
     has_partner = jnp.any(same, axis=1)
     kl = losses.class_wise_kd_loss(student.logits, student.logits[partner], temperature=self.temperature)
-    return jnp.where(has_partner, kl, 0.0), state
+    values = jnp.where(has_partner, kl, 0.0)
+    if self.mean_over == "paired":
+      values = values * losses.labelled_mean_weights(has_partner)
+    return values, state
 
 
 @register_term("multi_exit")
