@@ -207,3 +207,41 @@ def test_cskd_batch_mean_is_the_mean_over_the_paired_rows():
 def _kl(z_target, z):
   log_p, log_q = _log_softmax(z_target), _log_softmax(z)
   return 16.0 * np.sum(np.exp(log_p) * (log_p - log_q))
+
+
+def _authors_multi_exit(logits_list, y, C, T):
+  """mary-phuong/multiexit-distillation main.py DistillationBasedLoss.__call__: (loss, next T) for maxprob 0.5."""
+  n = len(y)
+  ce = lambda z: -np.mean(_log_softmax(z)[np.arange(n), y])
+  loss = (1.0 - C) * ce(logits_list[-1])
+  prob_t = np.exp(_log_softmax(logits_list[-1] / T))
+  for z in logits_list[:-1]:
+    dist = -np.mean((prob_t * _log_softmax(z / T)).sum(1))
+    loss += (1.0 - C) * ce(z) + T ** 2 * C * dist
+  return loss, T * 1.05 if prob_t.max(1).mean() > 0.5 else T
+
+
+def test_multi_exit_is_the_authors_distillation_based_loss_with_adaptive_temperature():
+  from experiments.configs import mnist_self
+
+  terms = mnist_self.get_config().rows.multi_exit_adaptive.terms.to_dict()
+  objective = Objective(terms)
+  n, temperature, state = 16, 1.0, None
+  for step in range(4):
+    y = RNG.integers(0, 10, n)
+    logits_list = [RNG.normal(size=(n, 10)), RNG.normal(size=(n, 10)) * 2, RNG.normal(size=(n, 10)) * (3 + step)]
+    exits = {"exit_stage1_logits": jnp.asarray(logits_list[0], jnp.float32),
+             "exit_stage2_logits": jnp.asarray(logits_list[1], jnp.float32)}
+    student = Outputs(jnp.asarray(logits_list[2], jnp.float32), exits)
+    if state is None:
+      _, state = objective.init(jax.random.PRNGKey(0), student, None)
+    total, metrics, state = objective({}, state, student, None, {"label": jnp.asarray(y)}, step=jnp.int32(step))
+    expected, next_temperature = _authors_multi_exit(logits_list, y, 0.5, temperature)
+    # Their distillation term is the cross-entropy against the final exit: the KL plus its entropy.
+    p_t = np.exp(_log_softmax(logits_list[-1] / temperature))
+    entropy = -np.mean((p_t * np.log(p_t)).sum(1))
+    np.testing.assert_allclose(float(total) + 2 * temperature ** 2 * 0.5 * entropy, expected, rtol=1e-4)
+    np.testing.assert_allclose(metrics["temperature/multi_exit"], temperature, rtol=1e-6)
+    temperature = next_temperature
+    np.testing.assert_allclose(state["multi_exit"]["temperature"], temperature, rtol=1e-6)
+  assert temperature > 1.0  # the confident final exit raised it

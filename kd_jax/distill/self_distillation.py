@@ -82,23 +82,53 @@ class MultiExitDistillation(Term):
 
   q_m the final exit's softmax(z_M / T) (`teachers="final"`) or the mean of the
   KLs from every deeper exit (`teachers="deeper"`), the targets stop-gradient.
-  The final exit's cross-entropy is the separate `ce` term.
+  The final exit's cross-entropy is the separate `ce` term: the authors'
+  `DistillationBasedLoss` (mary-phuong/multiexit-distillation, main.py) weights it
+  (1 − C) = 1 − α, so give `ce` the weight 1 − α to match (0.5 with their C = 0.5).
+  Their code uses the cross-entropy against q_m where this uses the KL: same
+  gradients, values lower by q_m's entropy.
+
+  adaptive_temperature=True: their adaptive T, kept in the term's state. T
+  starts at `temperature` (1 in their code) and after every step is multiplied by
+  `temperature_factor` (1.05) when the final exit's mean max-probability at T on
+  the batch exceeds `max_probability` (0.5); logged as `temperature/multi_exit`.
   """
 
   def __init__(self, stages: Sequence[str] = ("stage1", "stage2"), temperature: float = 4.0, alpha: float = 0.5,
-               teachers: str = "final"):
+               teachers: str = "final", adaptive_temperature: bool = False, max_probability: float = 0.5,
+               temperature_factor: float = 1.05):
     if teachers not in losses.self_distillation.TEACHERS:
       raise ValueError(f"multi_exit: teachers must be one of {losses.self_distillation.TEACHERS}, got {teachers!r}")
     if not 0.0 <= alpha <= 1.0:
       raise ValueError(f"multi_exit: alpha must lie in [0, 1], got {alpha}")
     if not stages:
       raise ValueError("multi_exit: stages must name at least one early exit (e.g. ['stage1'])")
+    if not isinstance(adaptive_temperature, bool):
+      raise ValueError(f"multi_exit: adaptive_temperature must be True or False, got {adaptive_temperature!r}")
+    if not 0.0 < max_probability < 1.0:
+      raise ValueError(f"multi_exit: max_probability must lie in (0, 1), got {max_probability}")
+    if temperature_factor < 1.0:
+      raise ValueError(f"multi_exit: temperature_factor must be >= 1, got {temperature_factor}")
     self.stages, self.temperature, self.alpha, self.teachers = tuple(stages), temperature, alpha, teachers
+    self.adaptive = adaptive_temperature
+    self.max_probability, self.temperature_factor = max_probability, temperature_factor
+
+  def init(self, rng, student, teacher):
+    return {}, ({"temperature": jnp.asarray(self.temperature, jnp.float32)} if self.adaptive else {})
+
+  def metrics(self, params, state):
+    return {"temperature": state["temperature"]} if self.adaptive and state else {}
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     exits = [feature(student, f"exit_{stage}_logits", who="student (a with_exits model)") for stage in self.stages]
-    return losses.multi_exit_kd_loss(exits + [student.logits], batch["label"], temperature=self.temperature,
-                                     alpha=self.alpha, teachers=self.teachers), state
+    temperature = state["temperature"] if self.adaptive else self.temperature
+    values = losses.multi_exit_kd_loss(exits + [student.logits], batch["label"], temperature=temperature,
+                                       alpha=self.alpha, teachers=self.teachers)
+    if self.adaptive:
+      final = jax.nn.softmax(jax.lax.stop_gradient(student.logits).astype(jnp.float32) / temperature, axis=-1)
+      confident = jnp.mean(jnp.max(final, axis=-1)) > self.max_probability
+      state = {"temperature": jnp.where(confident, temperature * self.temperature_factor, temperature)}
+    return values, state
 
 
 @register_term("sla")
