@@ -245,3 +245,42 @@ def test_multi_exit_is_the_authors_distillation_based_loss_with_adaptive_tempera
     temperature = next_temperature
     np.testing.assert_allclose(state["multi_exit"]["temperature"], temperature, rtol=1e-6)
   assert temperature > 1.0  # the confident final exit raised it
+
+
+def _torch_bilinear(pixels, height, width):
+  """torchvision's tensor Resize: F.interpolate(bilinear, antialias=True), an implementation independent of PIL."""
+  import torch
+
+  x = torch.tensor(np.asarray(pixels, np.float32)).permute(2, 0, 1)[None]
+  y = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+  return y[0].permute(1, 2, 0).numpy()
+
+
+def _smooth_pixels(height, width):
+  yy, xx = np.mgrid[0:height, 0:width]
+  return np.stack([127 + 120 * np.sin(xx / 9.0), 127 + 120 * np.cos(yy / 7.0), 40 + (xx + yy) / 4], -1).astype(np.uint8)
+
+
+def test_imagenet_resizing_is_torchvisions_bilinear():
+  """Eval: Resize(256) + CenterCrop(224); train: a box cropped then resized bilinearly (torchvision's defaults)."""
+  from kd_jax.data import imagenet
+
+  pixels = _smooth_pixels(300, 400)
+  resized = _torch_bilinear(pixels, 256, int(256 * 400 / 300))  # shorter side 256, as torchvision's Resize
+  top, left = int(round((256 - 224) / 2.0)), int(round((resized.shape[1] - 224) / 2.0))
+  expected = resized[top:top + 224, left:left + 224]
+  got = imagenet.resize_center_crop(pixels, 256, 224).astype(np.float32)
+  assert got.shape == (224, 224, 3)
+  assert np.abs(got - expected).max() <= 2.0 and np.abs(got - expected).mean() < 0.24  # bicubic: 0.42
+  source = imagenet.ImageNetSource([{"image": b"", "label": 0}], [{"image": b"", "label": 0}], num_classes=1)
+  np.testing.assert_array_equal(source.eval_image(pixels), got)
+  box = (30, 50, 180, 240)  # (top, left, height, width)
+  crop = imagenet.crop_resize(pixels, lambda h, w: box, 224, draft=False).astype(np.float32)
+  reference = _torch_bilinear(pixels[30:210, 50:290], 224, 224)
+  assert np.abs(crop - reference).max() <= 2.0 and np.abs(crop - reference).mean() < 0.24  # bicubic: 0.27
+  # Bilinear never overshoots a step edge (bicubic rings below 50 and above 200 next to it).
+  step = np.full((300, 400, 3), 50, np.uint8)
+  step[:, 200:] = 200
+  for out in (imagenet.resize_center_crop(step, 256, 224), source.eval_image(step),
+              imagenet.crop_resize(step, lambda h, w: (0, 150, 100, 100), 224, draft=False)):
+    assert out.min() == 50 and out.max() == 200
