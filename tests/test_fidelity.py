@@ -284,3 +284,48 @@ def test_imagenet_resizing_is_torchvisions_bilinear():
   for out in (imagenet.resize_center_crop(step, 256, 224), source.eval_image(step),
               imagenet.crop_resize(step, lambda h, w: (0, 150, 100, 100), 224, draft=False)):
     assert out.min() == 50 and out.max() == 200
+
+
+def _authors_okddip(branches, hidden, query, key, labels, temperature, weight):
+  """DefangChen/OKDDip train_GL.py's loss on resnet_GL's outputs, in jnp (no detach, as the code), batch mean.
+
+  `branches` [M, B, K]: the leader first here (the code's last branch), then the peers; kernels in x @ W form.
+  """
+  log_softmax = jax.nn.log_softmax
+  peers, leader = branches[1:], branches[0]
+  pro = jnp.transpose(peers, (1, 2, 0))  # B x K x peers, the code's `pro`
+  q, k = jnp.einsum("pbc,cd->bpd", hidden[1:], query), jnp.einsum("pbc,cd->bpd", hidden[1:], key)
+  attention = jax.nn.softmax(jnp.einsum("bid,bjd->bij", q, k), axis=-1)
+  x_m = jnp.einsum("bkj,bij->bki", pro, attention)  # torch.bmm(pro, attention.permute(0, 2, 1))
+
+  def kl(z, target):  # KL_Loss: T² · KLDivLoss(batchmean)(log_softmax(z/T), softmax(target/T) [+1e-7])
+    p = jax.nn.softmax(target / temperature, axis=-1)
+    return temperature ** 2 * jnp.sum(p * (jnp.log(p) - log_softmax(z / temperature, axis=-1))) / z.shape[0]
+
+  ce = lambda z: -jnp.mean(jnp.take_along_axis(log_softmax(z, axis=-1), labels[:, None], axis=-1))
+  loss_true = sum(ce(peers[i]) for i in range(len(peers)))
+  loss_group = sum(kl(peers[i], x_m[:, :, i]) for i in range(len(peers)))
+  return loss_true + ce(leader) + weight * (loss_group + kl(leader, jnp.mean(pro, axis=2)))
+
+
+def test_okddip_is_the_authors_code_gradients_included():
+  m, b, k, c = 4, 6, 10, 16
+  branches = jnp.asarray(RNG.normal(size=(m, b, k)) * 2, jnp.float32)
+  hidden = jnp.asarray(RNG.normal(size=(m, b, c)), jnp.float32)
+  labels = jnp.asarray(RNG.integers(0, k, b))
+  outputs = lambda z, h: Outputs(z[0], {**{f"branch_{i}_logits": z[i] for i in range(m)},
+                                        **{f"branch_{i}_pre_logits": h[i] for i in range(m)}})
+  objective = Objective({"okddip": {"temperature": 3.0}}, steps_per_epoch=10)
+  params, _ = objective.init(jax.random.PRNGKey(0), outputs(branches, hidden), None)
+  assert params["okddip"]["query"]["kernel"].shape == (c, c // 8)  # the authors' input_channel // 8
+  ramp = lambda epoch: float(np.exp(-5.0 * (1.0 - min(epoch, 80) / 80) ** 2))  # get_current_consistency_weight
+  for step, epoch in ((0, 0), (255, 25), (2000, 200)):
+    ours = lambda z, h, p: objective(p, {}, outputs(z, h), None, {"label": labels}, step=jnp.int32(step))[0]
+    theirs = lambda z, h, p: _authors_okddip(z, h, p["okddip"]["query"]["kernel"], p["okddip"]["key"]["kernel"],
+                                             labels, 3.0, ramp(epoch))
+    np.testing.assert_allclose(ours(branches, hidden, params), theirs(branches, hidden, params), rtol=1e-5)
+    grads = jax.grad(ours, argnums=(0, 1, 2))(branches, hidden, params)
+    expected = jax.grad(theirs, argnums=(0, 1, 2))(branches, hidden, params)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(grads[1]).max()) > 1e-4  # the features get a gradient through the attention
