@@ -64,7 +64,7 @@ class Term:
     raise NotImplementedError
 
   def metrics(self, params: Any, state: Any) -> Mapping[str, jax.Array]:
-    """Scalars to log besides the loss, {name: value}; logged as `<name>/<term>`. None by default."""
+    """Scalars to log besides the loss, {name: value}, logged as `<name>/<term>`; nothing by default."""
     del params, state
     return {}
 
