@@ -329,3 +329,20 @@ def test_okddip_is_the_authors_code_gradients_included():
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   assert float(jnp.abs(grads[1]).max()) > 1e-4  # the features get a gradient through the attention
+
+
+def test_logit_standardization_rows_are_the_authors_losses():
+  """dkd_cifar100's kd_ls / dkd_ls rows against the authors' loss with tools/train.py's settings of 2024-03-01."""
+  from experiments.configs import dkd_cifar100
+
+  s, t = RNG.normal(size=(16, 100)) * 3, RNG.normal(size=(16, 100)) * 8
+  labels = RNG.integers(0, 100, 16)
+  ce = -np.mean(_log_softmax(s)[np.arange(16), labels])
+  args = (Outputs(jnp.asarray(s, jnp.float32)), Outputs(jnp.asarray(t, jnp.float32)), {"label": jnp.asarray(labels)})
+  kd_row = Objective(dkd_cifar100.method_terms("kd_ls"), steps_per_epoch=10)
+  np.testing.assert_allclose(kd_row({}, {}, *args, step=jnp.int32(0))[0],
+                             1.0 * ce + 9.0 * _authors_kd(s, t, 2.0).mean(), rtol=1e-4)
+  dkd_row = Objective(dkd_cifar100.method_terms("dkd_ls", beta=8.0), steps_per_epoch=10)
+  # Epoch 20 (steps 190..199): warm-up weight min(20 / 20, 1) = 1.
+  np.testing.assert_allclose(dkd_row({}, {}, *args, step=jnp.int32(195))[0],
+                             ce + _authors_dkd(s, t, labels, 9.0, 81.0, 4.0).mean(), rtol=1e-4)

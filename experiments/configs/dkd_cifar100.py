@@ -17,12 +17,14 @@ README; teacher and student-alone figures are those of the CRD paper, which the
 DKD tables repeat.
 
 Logit standardization (Sun et al., CVPR 2024) rows for resnet32x4 -> resnet8x4, as
-the authors' code (sunshangquan/logit-standardization-KD, `tools/train.py
---logit-stand --base-temp 2 --kd-weight 9`) sets them: `kd_ls` z-scores both
-logits, T 2, KD weight 9, CE 0.1 (76.62); `dkd_ls` z-scores them with DKD's
-alpha x9 = 9 and beta = (new alpha) x9 = 81 (that script multiplies the already
-updated alpha), and DKD's own T 4 (the script sets KD.TEMPERATURE, which DKD does
-not read), CE 1, the 20-epoch warm-up (77.01).
+the authors' code stood when their logs of these figures were committed
+(sunshangquan/logit-standardization-KD 6083e2d, 2024-03-01; `tools/train.py
+--logit-stand`, defaults --base-temp 2 --kd-weight 9): `kd_ls` z-scores both
+logits, T 2, KD weight 9, CE 1 (the cfg's KD CE weight then; 0.1 from 2024-03-10)
+(76.62); `dkd_ls` z-scores them with DKD's alpha x9 = 9, beta = (the updated
+alpha) x9 = 81 and DKD's own T 4 (that script set KD.TEMPERATURE, which DKD does
+not read), CE 1, the 20-epoch warm-up (77.01). The script was corrected on
+2024-05-18 (beta x9 = 72, DKD T 2), after the figure.
 
 Last partial batch: the references keep it (`drop_last=False`: 50000 = 781 x 64
 + 16, so 782 steps an epoch, the last of 16 examples); kd_jax drops the remainder
@@ -60,7 +62,7 @@ def method_terms(method: str, beta: float = 8.0) -> dict:
   return {
       "kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
       "dkd": {"ce": {"weight": 1.0}, "dkd": dkd},
-      "kd_ls": {"ce": {"weight": 0.1}, "kd": {"weight": LS_WEIGHT, "temperature": LS_TEMPERATURE,
+      "kd_ls": {"ce": {"weight": 1.0}, "kd": {"weight": LS_WEIGHT, "temperature": LS_TEMPERATURE,
                                               "standardize": True}},
       "dkd_ls": {"ce": {"weight": 1.0}, "dkd": {**dkd, "alpha": LS_WEIGHT, "beta": LS_WEIGHT * LS_WEIGHT,
                                                 "standardize": True}},
