@@ -346,3 +346,24 @@ def test_logit_standardization_rows_are_the_authors_losses():
   # Epoch 20 (steps 190..199): warm-up weight min(20 / 20, 1) = 1.
   np.testing.assert_allclose(dkd_row({}, {}, *args, step=jnp.int32(195))[0],
                              ce + _authors_dkd(s, t, labels, 9.0, 81.0, 4.0).mean(), rtol=1e-4)
+
+
+def test_logit_standardization_reaches_the_online_and_self_terms():
+  """dml, codistill and cskd with standardize=True: their loss on the authors' z-scored logits."""
+  z = RNG.normal(size=(8, 10)) * 4
+  peers = RNG.normal(size=(2, 8, 10)) * 2 + 1
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  normalized = lambda x: f32(_authors_normalize(x))
+  for name, loss in (("dml", losses.mutual_learning_loss), ("codistill", losses.codistillation_loss)):
+    objective = Objective({name: {"temperature": 2.0, "standardize": True}})
+    _, metrics, _ = objective({}, {}, Outputs(f32(z)), Outputs(f32(peers)), {}, step=jnp.int32(0))
+    np.testing.assert_allclose(metrics[f"loss/{name}"],
+                               jnp.mean(loss(normalized(z), normalized(peers), temperature=2.0)), rtol=1e-4)
+    with pytest.raises(ValueError, match=f"{name}: standardize must be True or False, got 1"):
+      Objective({name: {"standardize": 1}})
+  labels = jnp.array([0, 1, 0, 1, 2, 2, 3, 3])
+  batch = {"label": labels, "rng": jax.random.PRNGKey(2)}
+  plain = Objective({"cskd": {"temperature": 2.0}}).terms["cskd"]
+  standard = Objective({"cskd": {"temperature": 2.0, "standardize": True}}).terms["cskd"]
+  np.testing.assert_allclose(standard(Outputs(f32(z)), None, batch, {}, {}, step=jnp.int32(0))[0],
+                             plain(Outputs(normalized(z)), None, batch, {}, {}, step=jnp.int32(0))[0], rtol=1e-4)

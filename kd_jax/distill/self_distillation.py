@@ -49,13 +49,16 @@ class ClassWiseSelfKD(Term):
   the others are scaled by B / (rows with a partner): the batch mean is then the mean
   over the paired rows, the reference's per-example mean in expectation, instead of
   ~0.72x it (mean_over="batch"). Pairing within the batch keeps the data order a pure
-  function of (seed, step) and costs no second forward pass.
+  function of (seed, step) and costs no second forward pass. standardize=True: logit
+  standardization (Sun et al. 2024) of the logits first.
   """
 
-  def __init__(self, temperature: float = 4.0, mean_over: str = "paired"):
+  def __init__(self, temperature: float = 4.0, mean_over: str = "paired", standardize: bool = False):
     if mean_over not in ("paired", "batch"):
       raise ValueError(f"cskd: mean_over must be 'paired' or 'batch', got {mean_over!r}")
-    self.temperature, self.mean_over = temperature, mean_over
+    if not isinstance(standardize, bool):
+      raise ValueError(f"cskd: standardize must be True or False, got {standardize!r}")
+    self.temperature, self.mean_over, self.standardize = temperature, mean_over, standardize
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     labels = batch["label"]
@@ -64,7 +67,8 @@ class ClassWiseSelfKD(Term):
     score = jax.random.uniform(jax.random.fold_in(batch["rng"], 17), (b, b))
     partner = jnp.argmax(jnp.where(same, score, -1.0), axis=1)
     has_partner = jnp.any(same, axis=1)
-    kl = losses.class_wise_kd_loss(student.logits, student.logits[partner], temperature=self.temperature)
+    logits = losses.standardize_logits(student.logits) if self.standardize else student.logits
+    kl = losses.class_wise_kd_loss(logits, logits[partner], temperature=self.temperature)
     values = jnp.where(has_partner, kl, 0.0)
     if self.mean_over == "paired":
       values = values * losses.labelled_mean_weights(has_partner)
