@@ -91,7 +91,8 @@ CASES = {
     "unknown FT stage": (run(config(**{"rows.student.terms": {"ft": {"stage": "pretrain"}}})), ValueError,
                          r"ft: unknown stage 'pretrain'; known: \('paraphraser', 'transfer'\)"),
     "unknown term option": (run(config(**{"rows.student.terms": {"kd": {"temp": 4.0}}})), ValueError,
-                            r"loss term 'kd' got unknown option\(s\) \['temp'\]; it accepts \['temperature'\]"),
+                            r"loss term 'kd' got unknown option\(s\) \['temp'\]; "
+                            r"it accepts \['temperature', 'standardize'\]"),
     "term weight not a number": (run(config(**{"rows.student.terms": {"kd": {"weight": "0.9"}}})), ValueError,
                                  r"loss term 'kd': weight must be a number, got '0.9'"),
     "negative epochs": (run(config(epochs=-2)), ValueError, r"epochs must be a non-negative int, got -2"),

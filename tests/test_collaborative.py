@@ -151,15 +151,15 @@ def np_okddip(branches, hidden, query, key, labels, t, w):
 
 @pytest.fixture(scope="module")
 def okddip_params():
-  objective = Objective({"okddip": {"projection_dim": 3}})
+  objective = Objective({"okddip": {"projection_dim": 3, "rampup_epochs": 0}})
   params, _ = objective.init(jax.random.PRNGKey(1), okddip_outputs(), None)
   return params
 
 
 def test_okddip_matches_numpy(okddip_params):
   t, w = 3.0, 0.5
-  value = term_value({"okddip": {"temperature": t, "kd_weight": w, "projection_dim": 3}}, okddip_outputs(),
-                     params=okddip_params)
+  value = term_value({"okddip": {"temperature": t, "kd_weight": w, "projection_dim": 3, "rampup_epochs": 0}},
+                     okddip_outputs(), params=okddip_params)
   p = okddip_params["okddip"]
   assert p["query"]["kernel"].shape == p["key"]["kernel"].shape == (7, 3)
   expected = np_okddip(f64(BRANCHES), f64(HIDDEN), f64(p["query"]["kernel"]), f64(p["key"]["kernel"]),
@@ -177,7 +177,8 @@ def test_okddip_attention_rows_sum_to_one_and_match_softmax_of_dot_products():
 
 
 def test_okddip_targets_are_constants_for_the_branches_but_train_the_projections(okddip_params):
-  terms = {"okddip": {"projection_dim": 3}}
+  """stop_gradients=True (not the authors' code, which detaches nothing: tests/test_fidelity.py)."""
+  terms = {"okddip": {"projection_dim": 3, "rampup_epochs": 0, "stop_gradients": True}}
   f = lambda params, branches, hidden: term_value(terms, okddip_outputs(branches, hidden), params=params)
   g_params, g_branches, g_hidden = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(okddip_params, BRANCHES, HIDDEN)
   np.testing.assert_array_equal(g_hidden, 0.0)  # attention is computed from stop-gradient features

@@ -34,19 +34,56 @@ def test_curriculum_temperature_follows_its_schedule():
                              rtol=1e-6)
 
 
-def test_ctkd_temperature_ascends_the_distillation_loss():
-  option = {"learnable": True, "initial": 4.0, "reversal_epochs": 2, "max_reversal": 1.0}
+def test_ctkd_temperature_is_the_reference_parameterisation_and_ascends_the_loss():
+  """CTKD's code: T = t_start + t_end·sigmoid(g), g = 1 at the start; λ per epoch (from 1) by the cosine."""
+  option = {"learnable": True, "reversal_epochs": 10}
   objective = Objective({"kd": {"temperature": option}}, steps_per_epoch=10)
   params, _ = objective.init(jax.random.PRNGKey(0), STUDENT, TEACHER)
-  assert float(params["kd"]["temperature"]) == 4.0
-  step = jnp.int32(10)  # halfway through the ramp: reversal weight 0.5
-  grad = jax.grad(lambda p: objective(p, {}, STUDENT, TEACHER, BATCH, step=step)[0])(params)
-  d_loss_d_t = jax.grad(lambda t: jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=t)))(4.0)
-  np.testing.assert_allclose(grad["kd"]["temperature"], -0.5 * d_loss_d_t, rtol=1e-5)
+  assert float(params["kd"]["temperature"]) == 1.0
+  t0 = 1.0 + 20.0 / (1.0 + np.exp(-1.0))  # ≈ 15.62, the code's first temperature
+  _, metrics, _ = objective(params, {}, STUDENT, TEACHER, BATCH, step=jnp.int32(0))
+  np.testing.assert_allclose(metrics["temperature/kd"], t0, rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss/kd"], jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits,
+                                                                         temperature=t0)), rtol=1e-5)
+  # The code's CosineDecay(max 0, min -1, loops 10) at epoch e, whose magnitude the GRL multiplies the gradient by.
+  cosine_decay = lambda e: (np.cos(min(e, 10) * np.pi / 10) + 1.0) * 0.5 * (0 - (-1)) + (-1)
+  d_loss_d_t = jax.grad(lambda t: jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=t)))(t0)
+  d_t_d_g = 20.0 * np.exp(-1.0) / (1.0 + np.exp(-1.0)) ** 2
+  for step, epoch in ((0, 1), (9, 1), (10, 2), (45, 5), (300, 31)):
+    grad = jax.grad(lambda p: objective(p, {}, STUDENT, TEACHER, BATCH, step=jnp.int32(step))[0])(params)
+    np.testing.assert_allclose(grad["kd"]["temperature"], cosine_decay(epoch) * d_loss_d_t * d_t_d_g, rtol=1e-4)
   # Gradient descent on the reversed gradient raises the KD loss: the adversarial direction.
-  t_next = 4.0 - 0.1 * float(grad["kd"]["temperature"])
-  kd = lambda t: float(jnp.mean(losses.kd_loss(STUDENT.logits, TEACHER.logits, temperature=t)))
-  assert kd(t_next) > kd(4.0)
+  grad = jax.grad(lambda p: objective(p, {}, STUDENT, TEACHER, BATCH, step=jnp.int32(50))[0])(params)
+  kd = lambda g: float(objective({"kd": {"temperature": g}}, {}, STUDENT, TEACHER, BATCH, step=jnp.int32(50))[0])
+  assert kd(1.0 - 0.5 * float(grad["kd"]["temperature"])) > kd(1.0)
+
+
+def test_ctkd_temperature_moves_and_is_logged_over_a_short_run(tmp_path):
+  """The README's {"learnable": True} with its defaults: metrics.jsonl's temperature/kd moves within 44 steps."""
+  import json
+  import os
+
+  from kd_jax import train
+
+  c = train.base_config()
+  c.epochs = 2
+  c.data.name = "digits"
+  c.data.batch_size = 64
+  c.data.eval_batch_size = 360
+  c.log_every_steps = 4
+  c.checkpoint_every_steps = 100
+  c.progress = False
+  adam = {"name": "adam", "learning_rate": 1e-2}
+  c.rows.teacher = train.row(model="mlp", model_kwargs={"widths": [32]}, terms={"ce": {}}, optimizer=adam, epochs=1)
+  c.rows.student_ctkd = train.row(model="mlp", model_kwargs={"widths": [16]}, teacher="teacher", optimizer=adam,
+                                  terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9,
+                                                                       "temperature": {"learnable": True}}})
+  train.run(c, str(tmp_path))
+  with open(os.path.join(tmp_path, "student_ctkd", "metrics.jsonl")) as f:
+    logged = [r["temperature/kd"] for r in map(json.loads, f) if r["split"] == "train"]
+  assert len(logged) >= 5
+  assert abs(logged[0] - (1.0 + 20.0 / (1.0 + np.exp(-1.0)))) < 0.2  # CTKD's start, T ≈ 15.6
+  assert max(logged) - min(logged) > 0.05  # it moves: no clip holds it at a bound
 
 
 def test_bad_temperatures_are_refused():
@@ -59,7 +96,7 @@ def test_bad_temperatures_are_refused():
 def test_cskd_pairs_examples_of_the_same_class():
   labels = jnp.array([0, 1, 0, 2, 1, 3])  # class 2 and 3 have no partner
   logits = jax.random.normal(jax.random.PRNGKey(3), (6, 4))
-  objective = Objective({"cskd": {"temperature": 2.0}})
+  objective = Objective({"cskd": {"temperature": 2.0, "mean_over": "batch"}})
   _, _, _ = objective({}, {}, Outputs(logits), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, step=jnp.int32(0))
   term = objective.terms["cskd"]
   values, _ = term(Outputs(logits), None, {"label": labels, "rng": jax.random.PRNGKey(0)}, {}, {}, step=jnp.int32(0))
@@ -71,7 +108,7 @@ def test_cskd_pairs_examples_of_the_same_class():
 
 
 def test_fsp_term_mean_reduction_averages_each_matrix_as_repdistiller():
-  """RepDistiller's FSP loss is (G_s - G_t)².mean() per pair of maps (its weight 50 is tuned for that)."""
+  """RepDistiller's FSP loss is (G_s - G_t)².mean() per pair of maps."""
   keys = jax.random.split(jax.random.PRNGKey(3), 6)
   shapes = {"stem": (2, 8, 8, 3), "stage1": (2, 8, 8, 4), "stage2": (2, 4, 4, 5)}
   student = Outputs(jnp.zeros((2, 10)), {n: jax.random.normal(k, s) for (n, s), k in zip(shapes.items(), keys[:3])})

@@ -6,8 +6,20 @@ x0.2 at epochs 60/120/160, random crop (4-pixel padding; the authors' code pads
 by reflection, kd_jax by zeros) + flip. AT: beta = 1000 on the sum over the three
 groups' outputs of the mean squared difference of the L2-normalised attention
 maps (`--beta 1e+3`; mean of the squared channel activations); KD: T 4,
-alpha 0.9 (0.9 KD + 0.1 CE); AT+KD both. Teachers are trained here with the same
-recipe (row `teacher__wrn_40_2`).
+alpha 0.9; AT+KD both. Teachers are trained here with the same recipe (row
+`teacher__wrn_40_2`).
+
+KD's weight follows the code that produced the paper's KD (6.08) and AT+KD (5.71)
+errors: `utils.distillation` before the July 2018 "fix KL" commit (4133ac5) was
+F.kl_div(...) * (T*T * 2 * alpha) + (1 - alpha) * CE, and PyTorch's kl_div then
+averaged over all B x K elements, so the KD term was (2 alpha / K) T^2 KL per example:
+0.18 T^2 KL on CIFAR-10 (K = 10), with CE 0.1. Today's code (after that commit)
+sums over classes, alpha T^2 KL = 0.9 T^2 KL, five times stronger; set the `kd`
+weight to 0.9 for that variant.
+
+Last partial batch: the authors' loader keeps it (50000 = 390 x 128 + 80); kd_jax
+drops the remainder of each epoch's permutation (80 random examples an epoch,
+0.16%), since its data pipeline does not pad and mask training batches.
 
 The paper reports test error (%); each row's `paper` is 100 - that error, the
 accuracy (%), so the report compares like with like.
@@ -20,11 +32,13 @@ from kd_jax.train import base_config, row
 TEACHER, STUDENT = "wrn_40_2", "wrn_16_2"
 ERRORS = {"teacher": 5.23, "student": 6.31, "at": 5.85, "kd": 6.08, "at_kd": 5.71}  # Table 1, test error %
 STAGES = ["stage1", "stage2", "stage3"]  # the outputs of WRN's three groups
+ALPHA, CLASSES = 0.9, 10
+KD_WEIGHT = 2.0 * ALPHA / CLASSES  # 0.18: the 2017 code's kl_div averaged over B x K elements, times 2 alpha
 
 
 def method_terms(method: str) -> dict:
   at = {"at": {"weight": 1000.0, "p": 2.0, "student_features": STAGES, "teacher_features": STAGES}}
-  kd = {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}}
+  kd = {"ce": {"weight": 1.0 - ALPHA}, "kd": {"weight": KD_WEIGHT, "temperature": 4.0}}
   return {"at": {"ce": {"weight": 1.0}, **at}, "kd": kd, "at_kd": {**kd, **at}}[method]
 
 

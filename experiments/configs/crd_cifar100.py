@@ -4,13 +4,21 @@ The recipe of the paper's code: SGD momentum 0.9, weight decay 5e-4, batch 64,
 240 epochs, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students) x0.1 at epochs
 150/180/210, random crop (4-pixel padding) + flip, T=4. Loss weights of that
 code: CE 1 (0.1 with KD), KD 0.9, FitNet 100, AT 1000, SP 3000, CC 0.02, VID 1,
-RKD 1, PKT 30000, AB 1, FT 200, FSP 50, NST 50, CRD 0.8 (CRD+KD: KD 1, CRD 0.8).
+RKD 1, PKT 30000, AB 1, FT 200, NST 50, CRD 0.8 (CRD+KD: KD 1, CRD 0.8).
+CC is RepDistiller's `distiller_zoo/CC.py` (`cc` with variant="repdistiller": the
+mean over consecutive pairs of the product of |embedding differences| on 128-wide
+`LinearEmbed` outputs), the loss its 0.02 and the table's CC figures come from, not
+the paper's RBF-kernel formula (variant="paper", whose value at weight 0.02 is
+~1e-4: in effect cross-entropy alone).
 Features as in that code (`helper/loops.py`): AT, NST, VID, AB on every stage
 (`feat[1:-1]`: 4 stages for VGG, MobileNetV2, ResNet50, 3 otherwise; AB before
 the ReLU), SP and FT on the last stage, FSP on the stem and every stage, CC,
 RKD, PKT, CRD on the pooled embedding, FitNets on stage 2.
 AB, FSP and FT start with a 30-epoch initialisation stage at a constant rate
-(RepDistiller `helper/pretrain.py`: `--init_epochs 30`; FT's paraphraser at lr
+(RepDistiller `helper/pretrain.py`: `--init_epochs 30`; the AB and FSP losses summed
+with no factor there: the `-b` of their commands multiplies only the main stage's
+term, which is zero for AB and FSP; AB's stages weighted 2^(i-n+1) x 3/1000 as its
+`ABLoss`, FSP's matrices averaged as its `FSP`; FT's paraphraser at lr
 0.01 for ResNet/WRN students, else the student's rate), a row `..._init` that
 the method row continues with `init_from`. FT's `_init` row trains only its
 paraphraser (rate 0.5, no BN; `freeze=["student"]`) on the reconstruction of
@@ -30,6 +38,18 @@ model directory. Row names: `<teacher>__<student>__<method>`.
 
 The paper's figures (top-1 %, from the CRD paper / RepDistiller README) are each
 row's `paper` field; CRD+KD from the paper's tables.
+
+Logit standardization rows `<teacher>__<student>__kd_ls` (Sun et al., CVPR 2024):
+KD on z-scored logits with the authors' per-pair temperature and KD weight (the
+`BASE_TEMP,KD_WEIGHT` of their log file names; `tools/train.py --logit-stand`) and
+CE 1: their `mdistiller/engine/cfg.py` when those logs were committed (6083e2d,
+2024-03-01; the CE weight became 0.1 on 2024-03-10), this table's recipe (their
+yaml: batch 64, lr 0.05 / 0.01, wd 5e-4, 240 epochs); figures from their README
+(sunshangquan/logit-standardization-KD).
+
+Last partial batch: RepDistiller keeps it (`drop_last=False`: 50000 = 781 x 64 +
+16); kd_jax drops the remainder of each epoch's permutation (16 random examples an
+epoch, 0.03%), since its data pipeline does not pad and mask training batches.
 
   # one table row on a TPU VM (CIFAR-100 through TFDS):
   python -m experiments.main --config=experiments/configs/crd_cifar100.py:resnet32x4__resnet8x4__crd --workdir=$W
@@ -71,10 +91,14 @@ PAPER = {
     "crd": [75.48, 74.14, 71.16, 71.46, 73.48, 75.51, 73.94, 69.73, 69.11, 74.30, 75.11, 75.65, 76.05],
     "crd_kd": [75.64, 74.38, 71.63, 71.56, 73.75, 75.46, 74.29, 69.94, 69.54, 74.58, 75.12, 76.05, 76.27],
     "reviewkd": [76.12, 75.09, 71.89, None, 73.89, 75.63, 74.84, None, None, None, 77.45, 77.78, 77.14],
+    "kd_ls": [76.11, 74.37, 71.43, None, 74.17, 76.62, 74.36, 68.61, 69.02, None, None, 75.56, None],
 }
+# Logit standardization's (temperature, KD weight) per pair: the authors' log names (kd,<t>,<s>,T,weight.txt).
+# (2, 9) for the other pairs. (resnet110 -> resnet20's 71.48 has no log of that date: no row.)
+KD_LS = {("vgg13", "vgg8"): (3.0, 9.0), ("vgg13", "MobileNetV2"): (3.0, 9.0), ("ResNet50", "MobileNetV2"): (3.0, 1.0)}
 # Methods whose rows exist only for the pairs with a figure (FSP needs equal channel counts;
-# ReviewKD's authors give loss weights for those pairs only).
-ONLY_REPORTED = ("fsp", "reviewkd")
+# ReviewKD's authors give loss weights for those pairs only; logit standardization's README those figures).
+ONLY_REPORTED = ("fsp", "reviewkd", "kd_ls")
 # ReviewKD's loss weight per student (the authors' CIFAR-100 script); 5 otherwise.
 REVIEWKD_WEIGHT = {"ShuffleV2": 8.0, "resnet20": 0.6, "resnet32": 1.0}
 INIT_EPOCHS = 30  # RepDistiller --init_epochs
@@ -94,12 +118,13 @@ def method_terms(method: str, teacher: str = "resnet32x4", student: str = "resne
   preacts = {"student_features": [f"{n}_preact" for n in s_stages],
              "teacher_features": [f"{n}_preact" for n in t_stages]}
   last = {"student_feature": s_stages[-1], "teacher_feature": t_stages[-1]}
+  ls_temperature, ls_weight = KD_LS.get((teacher, student), (2.0, 9.0))
   return {
       "kd": {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 4.0}},
       "fitnet": {**ce, "hint": {"weight": 100.0, "student_feature": "stage2", "teacher_feature": "stage2"}},
       "at": {**ce, "at": {"weight": 1000.0, **pairs}},
       "sp": {**ce, "sp": {"weight": 3000.0, **last}},
-      "cc": {**ce, "cc": {"weight": 0.02}},
+      "cc": {**ce, "cc": {"weight": 0.02, "variant": "repdistiller"}},
       "vid": {**ce, "vid": {"weight": 1.0, **pairs}},
       "rkd": {**ce, "rkd": {"weight": 1.0}},
       "pkt": {**ce, "pkt": {"weight": 30000.0}},
@@ -108,12 +133,14 @@ def method_terms(method: str, teacher: str = "resnet32x4", student: str = "resne
       "ft": {**ce, "ft": {"weight": 200.0, "factor": "repdistiller", **last}},
       "ft_init": {"ft": {"weight": 1.0, "stage": "paraphraser", **last}},
       "fsp": {**ce},  # likewise FSP
-      # RepDistiller's FSP loss averages each matrix's entries: its weight 50 is for that reduction.
-      "fsp_init": {"fsp": {"weight": 50.0, "reduction": "mean", "student_features": ["stem", *s_stages],
+      # RepDistiller's init stage sums FSP.py's per-pair means with no factor (its -b 50 never reaches it).
+      "fsp_init": {"fsp": {"weight": 1.0, "reduction": "mean", "student_features": ["stem", *s_stages],
                            "teacher_features": ["stem", *t_stages]}},
       "nst": {**ce, "nst": {"weight": 50.0, **pairs}},
       "crd": {**ce, "crd": {"weight": 0.8}},
       "crd_kd": {**ce, "kd": {"weight": 1.0, "temperature": 4.0}, "crd": {"weight": 0.8}},
+      "kd_ls": {"ce": {"weight": 1.0},
+                "kd": {"weight": ls_weight, "temperature": ls_temperature, "standardize": True}},
       "reviewkd": {**ce, "reviewkd": {
           "weight": REVIEWKD_WEIGHT.get(student, 5.0), "warmup_epochs": 20,
           "student_features": [*s_stages, "pre_logits"],

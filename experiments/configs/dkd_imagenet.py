@@ -4,9 +4,16 @@ The recipe of the authors' code (megvii-research/mdistiller,
 `configs/imagenet/r34_r18/{dkd,kd}.yaml`, `configs/imagenet/r50_mv1/{dkd,kd}.yaml`):
 SGD momentum 0.9, weight decay 1e-4, batch 512, 100 epochs, lr 0.2 x0.1 at
 epochs 30/60/90; random-resized crop 224 + flip (in the input pipeline,
-kd_jax.data.imagenet), centre crop for evaluation. DKD: CE 1, alpha 1, beta 0.5
-(ResNet34->ResNet18) or 2 (ResNet50->MobileNetV1), T 1, warm-up 1 epoch. KD: CE
-0.5, KD 0.5, T 1.
+kd_jax.data.imagenet, bilinear resizing as torchvision's), centre crop for
+evaluation. DKD: CE 1, alpha 1, beta 0.5 (ResNet34->ResNet18) or 2
+(ResNet50->MobileNetV1), T 1, `WARMUP: 1`, which mdistiller applies as
+min(epoch / 1, 1) with epochs counted from 1: full weight from the first step
+(`warmup_shape="epoch"`, not a ramp). KD: CE 0.5, KD 0.5, T 1.
+
+Last partial batch: the references keep it (`drop_last=False`: 1281167 = 2502
+x 512 + 143); kd_jax drops the remainder of each epoch's permutation (2502 full
+batches, 143 random images an epoch left out, 0.01%), since its data pipeline
+does not pad and mask training batches. Evaluation sees every validation image once.
 
 The DKD paper distils from torchvision's pretrained ResNet-34 and ResNet-50. The
 rows `teacher__resnet34` / `teacher__resnet50` train them here with
@@ -35,7 +42,8 @@ def method_terms(method: str, beta: float) -> dict:
   return {
       "kd": {"ce": {"weight": 0.5}, "kd": {"weight": 0.5, "temperature": 1.0}},
       "dkd": {"ce": {"weight": 1.0},
-              "dkd": {"weight": 1.0, "alpha": 1.0, "beta": beta, "temperature": 1.0, "warmup_epochs": 1}},
+              "dkd": {"weight": 1.0, "alpha": 1.0, "beta": beta, "temperature": 1.0, "warmup_epochs": 1,
+                      "warmup_shape": "epoch"}},
   }[method]
 
 

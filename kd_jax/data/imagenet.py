@@ -11,9 +11,14 @@ contract of the in-memory `Dataset`:
     the global batch, equal to those rows of the full batch.
 
 Train: Inception-style random-resized crop (area 8-100%, aspect 3/4-4/3) to
-224x224 and a horizontal flip with probability 1/2. Eval: the central square of
-side 224/256 of the shorter side, resized to 224x224 (the same region as
-"resize the shorter side to 256, center-crop 224", resampled once).
+224x224 and a horizontal flip with probability 1/2. Eval: torchvision's
+Resize(256) then CenterCrop(224): the shorter side resized to 256, the central
+224x224 cut out. Resampling is bilinear (PIL's, antialiased), the default of
+torchvision's `RandomResizedCrop` and `Resize` that mdistiller's recipes and the
+torchvision teachers kd_jax converts were trained and evaluated with. Training
+crops of JPEGs decode at a reduced DCT scale first (`draft`, keeping the crop at
+least 224 pixels a side: several times faster; `draft=False` decodes in full as
+torchvision does); evaluation always decodes in full.
 Normalisation runs on device, as for every dataset (`scale`, `mean`, `std`).
 
 """
@@ -29,7 +34,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 __all__ = ["ImageNetSource", "load", "random_resized_crop_box", "center_crop_box",
-           "crop_resize", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "crop_resize", "resize_center_crop", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +78,25 @@ def center_crop_box(height: int, width: int, *, fraction: float) -> Box:
   return (height - side) / 2, (width - side) / 2, side, side
 
 
+def resize_center_crop(image: Any, resize_size: int, size: int) -> np.ndarray:
+  """torchvision's Resize(resize_size) then CenterCrop(size) on a PIL image: uint8 [size, size, 3].
+
+  The shorter side goes to `resize_size` and the longer to int(resize_size · long / short),
+  bilinearly; the crop's corner is round((H − size) / 2), round((W − size) / 2).
+  """
+  from PIL import Image
+
+  picture = _open(image).convert("RGB")
+  width, height = picture.size
+  if width <= height:
+    new_width, new_height = resize_size, int(resize_size * height / width)
+  else:
+    new_width, new_height = int(resize_size * width / height), resize_size
+  picture = picture.resize((new_width, new_height), Image.BILINEAR)
+  top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+  return np.asarray(picture.crop((left, top, left + size, top + size)), np.uint8)
+
+
 def _open(image: Any):
   """A PIL image from encoded bytes (JPEG/PNG) or a decoded uint8 array [H, W, C] / [H, W]."""
   from PIL import Image
@@ -86,12 +110,13 @@ def _open(image: Any):
 
 
 def crop_resize(image: Any, box_fn, size: int, *, flip: bool = False, draft: bool = True) -> np.ndarray:
-  """Crops `box_fn(height, width)` (a `Box`) out of `image` and resizes it: uint8 [size, size, 3].
+  """Crops `box_fn(height, width)` (a `Box`) out of `image` and resizes it bilinearly: uint8 [size, size, 3].
 
   `image`: encoded bytes or a decoded uint8 array. The box is computed from the
   header's size before decoding, so that a JPEG can be decoded at a reduced DCT
   scale (`draft`) that still keeps the crop at least `size` pixels on each side:
-  several times faster for the small crops of random-resized-crop.
+  several times faster for the small crops of random-resized-crop. Without
+  draft, an integer box gives torchvision's `resized_crop` (crop, then a bilinear resize).
   """
   from PIL import Image
 
@@ -103,7 +128,7 @@ def crop_resize(image: Any, box_fn, size: int, *, flip: bool = False, draft: boo
     picture.draft("RGB", (math.ceil(width * size / w), math.ceil(height * size / h)))
     scale_x, scale_y = width / picture.size[0], height / picture.size[1]
   picture = picture.convert("RGB")
-  out = picture.resize((size, size), Image.BICUBIC,
+  out = picture.resize((size, size), Image.BILINEAR,
                        box=(left / scale_x, top / scale_y, (left + w) / scale_x, (top + h) / scale_y))
   if flip:
     out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -188,9 +213,8 @@ class ImageNetSource:
     return out[:, ::-1] if rng.random() < 0.5 else out
 
   def eval_image(self, image: Any) -> np.ndarray:
-    """Central crop (224/256 of the shorter side) resized: uint8 [image_size, image_size, 3]."""
-    box_fn = lambda h, w: center_crop_box(h, w, fraction=self.image_size / self.resize_size)
-    return crop_resize(image, box_fn, self.image_size)
+    """torchvision's Resize(resize_size) + CenterCrop(image_size): uint8 [image_size, image_size, 3]."""
+    return resize_center_crop(image, self.resize_size, self.image_size)
 
   def train_batch(self, seed: int, step: int, batch_size: int, rows: slice = slice(None), *,
                   stream: int = 0) -> dict[str, np.ndarray]:

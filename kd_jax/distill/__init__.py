@@ -13,7 +13,11 @@ the frozen teacher's outputs (`needs_teacher`), or for online methods
 The `Objective` sums the weighted means, so a method combined with KD (the CRD
 table's "+KD" column) is just one more entry. Besides `weight`, every term
 takes `start_epoch` (weight 0 before it: co-distillation's burn-in) and
-`warmup_epochs` (weight ramped linearly from 0: DKD's warm-up).
+`warmup_epochs` (weight ramped from 0: DKD's warm-up), per step by default
+(`warmup_shape="linear"`) or, with `warmup_shape="epoch"`, as mdistiller's
+min(epoch / warmup_epochs, 1) with epochs counted from 1 (so warmup_epochs=1 is full
+weight from the first step). A term may define `metrics(params, state) -> {name: scalar}`:
+the Objective logs each as `<name>/<term>` (e.g. a learned `temperature/kd`).
 New terms register with `@register_term("name")`.
 """
 from __future__ import annotations
@@ -59,6 +63,11 @@ class Term:
                params: Any, state: Any, *, step: jax.Array) -> tuple[jax.Array, Any]:
     raise NotImplementedError
 
+  def metrics(self, params: Any, state: Any) -> Mapping[str, jax.Array]:
+    """Scalars to log besides the loss, {name: value}, logged as `<name>/<term>`; nothing by default."""
+    del params, state
+    return {}
+
 
 _TERMS: dict[str, Callable[..., Term]] = {}
 
@@ -99,6 +108,9 @@ class Objective:
     self.weights: dict[str, float] = {}
     self.starts: dict[str, int] = {}
     self.warmups: dict[str, int] = {}
+    self.warmup_epochs: dict[str, float] = {}
+    self.warmup_shapes: dict[str, str] = {}
+    self.steps_per_epoch = steps_per_epoch
     self.terms: dict[str, Term] = {}
     for name, options in terms.items():
       options = dict(options)
@@ -107,7 +119,12 @@ class Objective:
         raise ValueError(f"loss term {name!r}: weight must be a number, got {weight!r}")
       self.weights[name] = float(weight)
       self.starts[name] = int(round(options.pop("start_epoch", 0) * steps_per_epoch))
-      self.warmups[name] = int(round(options.pop("warmup_epochs", 0) * steps_per_epoch))
+      self.warmup_epochs[name] = float(options.pop("warmup_epochs", 0))
+      self.warmups[name] = int(round(self.warmup_epochs[name] * steps_per_epoch))
+      self.warmup_shapes[name] = options.pop("warmup_shape", "linear")
+      if self.warmup_shapes[name] not in ("linear", "epoch"):
+        raise ValueError(f"loss term {name!r}: warmup_shape must be 'linear' or 'epoch', "
+                         f"got {self.warmup_shapes[name]!r}")
       self.terms[name] = _make_term(name, options)
       self.terms[name].steps_per_epoch = steps_per_epoch
       self.terms[name].num_train = num_train
@@ -123,9 +140,15 @@ class Objective:
     return any(t.needs_peers for t in self.terms.values())
 
   def weight(self, name: str, step: jax.Array) -> jax.Array:
-    """The term's weight at `step`: 0 before its start, then a linear warm-up."""
-    since_start = (step - self.starts[name]).astype(jnp.float32)
-    ramp = jnp.clip(since_start / self.warmups[name], 0.0, 1.0) if self.warmups[name] else 1.0
+    """The term's weight at `step`: 0 before its start, then its warm-up (per step, or per epoch from 1)."""
+    since_start = step - self.starts[name]
+    if not self.warmups[name]:
+      ramp = 1.0
+    elif self.warmup_shapes[name] == "epoch":
+      epoch = (since_start // self.steps_per_epoch + 1).astype(jnp.float32)
+      ramp = jnp.minimum(epoch / self.warmup_epochs[name], 1.0)
+    else:
+      ramp = jnp.clip(since_start.astype(jnp.float32) / self.warmups[name], 0.0, 1.0)
     return self.weights[name] * jnp.where(since_start >= 0, ramp, 0.0)
 
   def init(self, rng, student: Outputs, teacher: Outputs | None):
@@ -145,6 +168,8 @@ class Objective:
       value, term_state = term(student, teacher, batch, params.get(name, {}), state.get(name, {}), step=step)
       value = jnp.mean(value.astype(jnp.float32))
       metrics[f"loss/{name}"] = value
+      for key, extra in term.metrics(params.get(name, {}), state.get(name, {})).items():
+        metrics[f"{key}/{name}"] = jnp.asarray(extra, jnp.float32)
       total = total + self.weight(name, step) * value
       if term_state:
         new_state[name] = term_state

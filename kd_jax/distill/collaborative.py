@@ -3,7 +3,8 @@
   kdcl    Guo et al. 2020: every network distils from the group's ensemble (mean of logits or MinLogit);
           on the row's peers or (group="member" / "branch") on one model's members.
   okddip  Chen et al. 2020: a `one` model without gate (`gate=False`); branch 0 is the group leader, the
-          others auxiliary peers that each distil from their own attention-weighted aggregate of the peers.
+          others auxiliary peers that each distil from their own attention-weighted aggregate of the peers
+          (nothing detached, an 80-epoch ramp of the KD weight and C/8 projections, as the authors' code).
   ffl     Kim et al. 2019: a `group` model with a fusion module (`fusion="<feature>"`); the fused
           classifier and the sub-networks teach each other.
 """
@@ -62,26 +63,37 @@ class _Projection(nn.Module):
 class DiversePeers(Term):
   """OKDDip (Chen, Mei, Wang, Feng & Chen 2020, "Online Knowledge Distillation with Diverse Peers"), per example:
 
-      Σ_{m=0}^{M-1} CE(z_m) + w · [Σ_{i=1}^{M-1} T² · KL(softmax(t_i / T) ‖ softmax(z_i / T))
-                                  + T² · KL(softmax(z̄ / T) ‖ softmax(z_0 / T))],
+      Σ_{m=0}^{M-1} CE(z_m) + w · r(e) · [Σ_{i=1}^{M-1} T² · KL(softmax(t_i / T) ‖ softmax(z_i / T))
+                                         + T² · KL(softmax(z̄ / T) ‖ softmax(z_0 / T))],
 
   on a `one` model with `gate=False` (shared low layers, M branches): branch 0
   is the group leader (the model's output, the network kept for test), branches
   1..M-1 the auxiliary peers. Peer i's target aggregates the peers with its own
   attention weights, t_i = Σ_j a_ij z_j, a_ij = softmax_j(q_i · k_j) over the
   peers j (itself included), q_i = L h_i, k_j = E h_j, h the branches'
-  `branch_<m>_pre_logits`, L and E (`projection_dim` wide, no bias) the term's
-  params; the leader's target z̄ is the mean of the peers' logits. Targets are
-  constants for the branches (stop-gradient on z_j and h_j); the attention
-  weights get their gradient through t_i, so L and E learn from the peers'
-  distillation loss. w = `kd_weight`. The term includes the cross-entropies:
-  use it alone.
+  `branch_<m>_pre_logits`, L and E (no bias, `projection_dim` wide: C / 8 of the
+  features' width C by default, the authors' `input_channel // factor`) the
+  term's params; the leader's target z̄ is the mean of the peers' logits.
+  w = `kd_weight`; r(e) = exp(−5 (1 − min(e, R) / R)²), e the epoch from 0 and
+  R = `rampup_epochs` (80; 0: r = 1), the authors' consistency ramp.
+
+  As the authors' code (DefangChen/OKDDip, `train_GL.py`, `resnet_GL.py`) nothing
+  is detached: the KLs' gradients reach the peers through their targets t_i and
+  z̄ and the branches' features through q and k. stop_gradients=True makes the
+  targets and the attention's inputs constants for the branches (L and E still learn).
+  The term includes the cross-entropies: use it alone.
   """
 
-  def __init__(self, temperature: float = 3.0, kd_weight: float = 1.0, projection_dim: int = 128):
-    if not isinstance(projection_dim, int) or projection_dim < 1:
-      raise ValueError(f"okddip: projection_dim must be a positive int, got {projection_dim!r}")
-    self.temperature, self.kd_weight, self.projection = temperature, kd_weight, _Projection(projection_dim)
+  def __init__(self, temperature: float = 3.0, kd_weight: float = 1.0, projection_dim: int | None = None,
+               rampup_epochs: float = 80.0, stop_gradients: bool = False):
+    if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
+      raise ValueError(f"okddip: projection_dim must be a positive int or None (C / 8), got {projection_dim!r}")
+    if rampup_epochs < 0:
+      raise ValueError(f"okddip: rampup_epochs must be >= 0, got {rampup_epochs}")
+    if not isinstance(stop_gradients, bool):
+      raise ValueError(f"okddip: stop_gradients must be True or False, got {stop_gradients!r}")
+    self.temperature, self.kd_weight, self.projection_dim = temperature, kd_weight, projection_dim
+    self.rampup_epochs, self.stop_gradients = float(rampup_epochs), stop_gradients
 
   def _branches(self, student):
     logits = group_logits(student, "branch", who="student (a `one` model with gate=False)", at_least=3)
@@ -89,25 +101,38 @@ class DiversePeers(Term):
                           for m in range(logits.shape[0])])
     return logits, features.reshape(features.shape[:2] + (-1,)).astype(jnp.float32)
 
+  def _projection(self, features):
+    return _Projection(self.projection_dim or max(features.shape[-1] // 8, 1))
+
   def init(self, rng, student, teacher):
     _, features = self._branches(student)
-    return self.projection.init(rng, features[0])["params"], {}
+    return self._projection(features).init(rng, features[0])["params"], {}
+
+  def _constant(self, x):
+    return jax.lax.stop_gradient(x) if self.stop_gradients else x
 
   def attention(self, params, student):
     """The peers' attention weights [B, M-1, M-1] (branches 1..M-1)."""
     _, features = self._branches(student)
-    queries, keys = self.projection.apply({"params": params}, jax.lax.stop_gradient(features[1:]))
+    queries, keys = self._projection(features).apply({"params": params}, self._constant(features[1:]))
     return losses.peer_attention_weights(queries, keys)
+
+  def ramp(self, step):
+    """The authors' consistency weight r(e) for the epoch holding `step` (epochs from 0)."""
+    if not self.rampup_epochs:
+      return 1.0
+    epoch = jnp.minimum((step // self.steps_per_epoch).astype(jnp.float32), self.rampup_epochs)
+    return jnp.exp(-5.0 * jnp.square(1.0 - epoch / self.rampup_epochs))
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     logits, _ = self._branches(student)
     peers = logits[1:]
-    targets = losses.peer_attention_logits(self.attention(params, student), jax.lax.stop_gradient(peers))
+    targets = losses.peer_attention_logits(self.attention(params, student), self._constant(peers))
     peer_kd = sum(losses.soft_kl_loss(z, t, temperature=self.temperature) for z, t in zip(peers, targets))
-    leader_target = jax.lax.stop_gradient(jnp.mean(peers.astype(jnp.float32), axis=0))
-    leader_kd = losses.kd_loss(logits[0], leader_target, temperature=self.temperature)
+    leader_target = self._constant(jnp.mean(peers.astype(jnp.float32), axis=0))
+    leader_kd = losses.soft_kl_loss(logits[0], leader_target, temperature=self.temperature)
     ce = sum(losses.cross_entropy(z, batch["label"]) for z in logits)
-    return ce + self.kd_weight * (peer_kd + leader_kd), state
+    return ce + self.kd_weight * self.ramp(step) * (peer_kd + leader_kd), state
 
 
 @register_term("ffl")

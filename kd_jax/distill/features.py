@@ -109,8 +109,8 @@ class FSP(Term):
   """Flow of solution procedure (Yim et al. 2017) between consecutive named features.
 
   reduction: "sum" over the C1·C2 entries of each FSP matrix (the paper's
-  formula, `losses.fsp_loss`) or their "mean", as RepDistiller computes it (its
-  FSP weight of 50, used by the CRD table, is tuned for the mean).
+  formula, `losses.fsp_loss`) or their "mean", as RepDistiller's `FSP.py` computes
+  it; RepDistiller's init stage (`helper/pretrain.py`) sums those means with no factor.
   """
 
   needs_teacher = True
@@ -251,21 +251,35 @@ class VID(_ConnectedPairs):
 class ActivationBoundaries(_ConnectedPairs):
   """Activation-boundary transfer (Heo et al. 2019) on pre-ReLU features, ABConnector per pair.
 
-  Usually an initialisation stage (AB's `_init` rows in crd_cifar100.py).
+  Usually an initialisation stage (AB's `_init` rows in crd_cifar100.py). Stage i of n
+  is weighted 2^(i − n + 1) · 3 / 1000 (deepest 3/1000, then half as much per stage
+  up), as the AB authors' `cifar10_AB_distillation.py` and RepDistiller's `ABLoss`:
+  with the Objective's batch mean this is their Σ_i w_i · hinge_i / B · 3 / 1000.
+  `stage_weights` overrides the per-stage factors (the 3/1000 included).
   """
 
   def __init__(self, student_features: Sequence[str] = ("stage1_preact", "stage2_preact", "stage3_preact"),
                teacher_features: Sequence[str] = ("stage1_preact", "stage2_preact", "stage3_preact"),
-               margin: float = 1.0):
+               margin: float = 1.0, stage_weights: Sequence[float] | None = None):
     super().__init__(student_features, teacher_features)
+    n = len(self.pairs)
+    self.stage_weights = ([2.0 ** (i - n + 1) * 3.0 / 1000.0 for i in range(n)] if stage_weights is None
+                          else [float(w) for w in stage_weights])
+    if len(self.stage_weights) != n:
+      raise ValueError(f"ab: stage_weights has {len(self.stage_weights)} entries for {n} feature pairs")
     self.margin = margin
 
   def connector(self, s, t):
     return connectors.ABConnector(out_channels=t.shape[-1], out_hw=tuple(t.shape[1:3]))
 
-  def loss(self, connected, t):
-    # The paper's code scales the summed hinge by 1/1000 per example.
-    return losses.activation_boundary_loss(connected, t, margin=self.margin) / 1000.0
+  def __call__(self, student, teacher, batch, params, state, *, step):
+    total, new_state = 0.0, {}
+    for i, (s_name, t_name) in enumerate(self.pairs):
+      s, t = self._features(student, teacher, s_name, t_name)
+      out, new_state[f"pair{i}"] = apply_connector(self.connector(s, t), params[f"pair{i}"],
+                                                   state.get(f"pair{i}", {}), s)
+      total = total + self.stage_weights[i] * losses.activation_boundary_loss(out, t, margin=self.margin)
+    return total, new_state
 
 
 @register_term("nst")
@@ -290,15 +304,24 @@ class NST(Term):
 
 @register_term("cc")
 class CorrelationCongruence(Term):
-  """Correlation congruence (Peng et al. 2019) between linear embeddings of both networks' pooled features."""
+  """Correlation congruence (Peng et al. 2019) between linear embeddings of both networks' pooled features.
+
+  variant="paper": the paper's Taylor-expanded RBF correlation matrices
+  (`losses.correlation_congruence_loss`, with `gamma` and `order`);
+  variant="repdistiller": RepDistiller's `CC.py`, the loss behind the CRD table's CC
+  figures and weight 0.02 (`losses.consecutive_correlation_loss`). Both embed with a
+  trainable linear layer per network (RepDistiller's `LinearEmbed`, width `dim`).
+  """
 
   needs_teacher = True
 
   def __init__(self, student_feature: str = "pre_logits", teacher_feature: str = "pre_logits", dim: int = 128,
-               gamma: float = 0.4, order: int = 2):
+               gamma: float = 0.4, order: int = 2, variant: str = "paper"):
+    if variant not in ("paper", "repdistiller"):
+      raise ValueError(f"cc: variant must be 'paper' or 'repdistiller', got {variant!r}")
     self.student_feature, self.teacher_feature = student_feature, teacher_feature
     self.embed = connectors.Embed(dim, normalize=False)
-    self.gamma, self.order = gamma, order
+    self.gamma, self.order, self.variant = gamma, order, variant
 
   def init(self, rng, student, teacher):
     s_rng, t_rng = jax.random.split(rng)
@@ -309,6 +332,8 @@ class CorrelationCongruence(Term):
     s = self.embed.apply({"params": params["student"]}, feature(student, self.student_feature, who="student"))
     t = self.embed.apply({"params": params["teacher"]},
                          jax.lax.stop_gradient(feature(teacher, self.teacher_feature, who="teacher")))
+    if self.variant == "repdistiller":
+      return losses.consecutive_correlation_loss(s, t), state
     return losses.correlation_congruence_loss(s, t, gamma=self.gamma, order=self.order), state
 
 

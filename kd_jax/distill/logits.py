@@ -9,6 +9,13 @@ from kd_jax.distill import Term, register_term
 from kd_jax.distill.temperature import Temperature
 
 
+def _flag(term: str, key: str, value) -> bool:
+  """A boolean option, or a clear error naming the term and key."""
+  if not isinstance(value, bool):
+    raise ValueError(f"loss term {term!r}: {key} must be True or False, got {value!r}")
+  return value
+
+
 def teacher_logits(teacher) -> jax.Array:
   return jax.lax.stop_gradient(teacher.logits)
 
@@ -69,19 +76,25 @@ class _TemperatureTerm(Term):
   def t(self, params, step):
     return self.temperature(params, step, self.steps_per_epoch)
 
+  def metrics(self, params, state):
+    return self.temperature.metrics(params)
+
 
 @register_term("kd")
 class KD(_TemperatureTerm):
-  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T (per-position logits: mean over positions)."""
+  """Hinton et al. 2015: T² · KL(teacher ‖ student) at temperature T (per-position logits: mean over positions).
+
+  standardize=True z-scores both logits first (logit standardization, Sun et al. 2024).
+  """
 
   needs_teacher = True
 
-  def __init__(self, temperature=4.0):
-    self.temperature = Temperature(temperature)
+  def __init__(self, temperature=4.0, standardize: bool = False):
+    self.temperature, self.standardize = Temperature(temperature), _flag("kd", "standardize", standardize)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
-    return over_positions(losses.kd_loss, student.logits, teacher_logits(teacher),
-                          temperature=self.t(params, step)), state
+    return over_positions(losses.kd_loss, student.logits, teacher_logits(teacher), temperature=self.t(params, step),
+                          standardize=self.standardize), state
 
 
 @register_term("logit_mse")
@@ -97,30 +110,35 @@ class LogitMatching(Term):
 
 @register_term("dkd")
 class DKD(_TemperatureTerm):
-  """Decoupled KD (Zhao et al. 2022): α·TCKD + β·NCKD; warm it up with `warmup_epochs`."""
+  """Decoupled KD (Zhao et al. 2022): α·TCKD + β·NCKD; warm it up with `warmup_epochs` (mdistiller's
+  staircase with `warmup_shape="epoch"`). standardize=True: logit standardization (Sun et al. 2024)."""
 
   needs_teacher = True
 
-  def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature=4.0):
+  def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature=4.0, standardize: bool = False):
     self.alpha, self.beta, self.temperature = alpha, beta, Temperature(temperature)
+    self.standardize = _flag("dkd", "standardize", standardize)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.dkd_loss(student.logits, teacher_logits(teacher), batch["label"], alpha=self.alpha,
-                           beta=self.beta, temperature=self.t(params, step)), state
+                           beta=self.beta, temperature=self.t(params, step), standardize=self.standardize), state
 
 
 @register_term("dist")
 class DIST(_TemperatureTerm):
-  """DIST (Huang et al. 2022): inter- and intra-class Pearson correlation of predictions."""
+  """DIST (Huang et al. 2022): inter- and intra-class Pearson correlation of predictions.
+
+  standardize=True: logit standardization (Sun et al. 2024) before the softmax."""
 
   needs_teacher = True
 
-  def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature=1.0):
+  def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature=1.0, standardize: bool = False):
     self.beta, self.gamma, self.temperature = beta, gamma, Temperature(temperature)
+    self.standardize = _flag("dist", "standardize", standardize)
 
   def __call__(self, student, teacher, batch, params, state, *, step):
     return losses.dist_loss(student.logits, teacher_logits(teacher), beta=self.beta, gamma=self.gamma,
-                            temperature=self.t(params, step)), state
+                            temperature=self.t(params, step), standardize=self.standardize), state
 
 
 @register_term("tfkd")

@@ -50,29 +50,38 @@ class GroupOption(Term):
 
 
 class _PeerTerm(GroupOption):
-  loss = None
+  """standardize=True z-scores every network's logits first (logit standardization, Sun et al. 2024)."""
 
-  def __init__(self, temperature: float = 1.0, group: str = ""):
-    self.temperature = temperature
+  loss = None
+  name = ""
+
+  def __init__(self, temperature: float = 1.0, group: str = "", standardize: bool = False):
+    if not isinstance(standardize, bool):
+      raise ValueError(f"{self.name}: standardize must be True or False, got {standardize!r}")
+    self.temperature, self.standardize = temperature, standardize
     self._set_group(group)
 
+  def _loss(self, z, peers):
+    if self.standardize:
+      z, peers = losses.standardize_logits(z), losses.standardize_logits(peers)
+    return type(self).loss(z, peers, temperature=self.temperature)
+
   def __call__(self, student, teacher, batch, params, state, *, step):
-    loss = type(self).loss
     if not self.group:
-      return loss(student.logits, teacher.logits, temperature=self.temperature), state
+      return self._loss(student.logits, teacher.logits), state
     members = group_logits(student, self.group)
-    return sum(loss(z, rest, temperature=self.temperature) for z, rest in zip(members, others(members))), state
+    return sum(self._loss(z, rest) for z, rest in zip(members, others(members))), state
 
 
 @register_term("dml")
 class MutualLearning(_PeerTerm):
   """Deep mutual learning (Zhang et al. 2018): mean over the other peers j of KL(p_j ‖ p_k) at T."""
 
-  loss = staticmethod(losses.mutual_learning_loss)
+  loss, name = staticmethod(losses.mutual_learning_loss), "dml"
 
 
 @register_term("codistill")
 class CoDistillation(_PeerTerm):
   """Co-distillation (Anil et al. 2018): T² · KL(mean of the other peers' p ‖ p_k)."""
 
-  loss = staticmethod(losses.codistillation_loss)
+  loss, name = staticmethod(losses.codistillation_loss), "codistill"

@@ -1,4 +1,4 @@
-"""Losses over logits [B, K]: cross-entropy, KD, logit matching, DKD, DIST, Tf-KD, CS-KD.
+"""Losses over logits [B, K]: cross-entropy, KD, logit matching, DKD, DIST, Tf-KD, CS-KD, logit standardization.
 
 All take any float dtype, compute in float32 and treat the teacher as a constant.
 Each public function validates shapes in Python, then calls a jitted kernel, so
@@ -17,6 +17,42 @@ def _f32(x):
 
 def _const(x):
   return jax.lax.stop_gradient(_f32(x))
+
+
+def _zscore(z):
+  # The authors' normalize(): (z − mean) / (1e-7 + std), std with Bessel's correction (torch.std's default).
+  z = _f32(z)
+  centred = z - jnp.mean(z, axis=-1, keepdims=True)
+  std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / max(z.shape[-1] - 1, 1))
+  return centred / (1e-7 + std)
+
+
+def standardize_logits(logits: jax.Array) -> jax.Array:
+  """Logit standardization: each row's z-score, (z − mean(z)) / (1e-7 + std(z)), over the last axis.
+
+  Applied to both the student's and the teacher's logits before the temperature
+  softmax, the student matches the teacher's logit relations, not their range.
+  std is the unbiased (N − 1) estimate, as torch.std in the authors' code.
+
+  Args:
+    logits: [..., K] float, K ≥ 2.
+
+  Returns:
+    [..., K] float32 with mean 0 and unbiased std ≈ 1 per row.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> [round(float(v), 4) for v in standardize_logits(jnp.array([[1.0, 2.0, 3.0]]))[0]]
+    [-1.0, 0.0, 1.0]
+
+  References:
+    Sun, Ren, Li, Wang & Cao 2024, "Logit Standardization in Knowledge Distillation", CVPR
+    (code: sunshangquan/logit-standardization-KD, `normalize`).
+  """
+  _checks.floating(logits, what="standardize_logits", name="logits")
+  if jnp.shape(logits)[-1] < 2:
+    raise ValueError(f"standardize_logits: needs at least 2 classes, got logits shape {jnp.shape(logits)}")
+  return _zscore(logits)
 
 
 def _logit_pair(student_logits, teacher_logits, what):
@@ -77,21 +113,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
   return _smoothed_cross_entropy(logits, labels, label_smoothing)
 
 
-@jax.jit
-def _kd(s, t, temperature):
+@jax.jit(static_argnames=("standardize",))
+def _kd(s, t, temperature, standardize=False):
+  if standardize:
+    s, t = _zscore(s), _zscore(_const(t))
   log_p_s = jax.nn.log_softmax(_f32(s) / temperature, axis=-1)
   log_p_t = jax.nn.log_softmax(_const(t) / temperature, axis=-1)
   # Σ p_t (log p_t − log p_s) from log-probabilities: finite even where p_t underflows to 0.
   return temperature * temperature * jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 4.0) -> jax.Array:
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 4.0,
+            standardize: bool = False) -> jax.Array:
   """Hinton KD: T² · Σ_k p_t,k (log p_t,k − log p_s,k), p = softmax(z / T), per example.
+
+  standardize=True: both sides' logits are z-scored first (`standardize_logits`,
+  Sun et al. 2024); the paper pairs it with a smaller T (2) and a larger weight (9).
 
   Args:
     student_logits: [B, K] float (any float dtype).
     teacher_logits: [B, K] float, a constant (no gradient flows into it).
     temperature: T > 0, a Python number or a traced scalar (e.g. a learned temperature).
+    standardize: z-score each row of both logits before the softmax (logit standardization).
 
   Returns:
     [B] float32.
@@ -106,10 +149,11 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature
 
   References:
     Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531.
+    Sun, Ren, Li, Wang & Cao 2024, "Logit Standardization in Knowledge Distillation", CVPR (standardize).
   """
   _checks.positive(temperature, name="temperature")
   _logit_pair(student_logits, teacher_logits, "kd_loss")
-  return _kd(student_logits, teacher_logits, temperature)
+  return _kd(student_logits, teacher_logits, temperature, standardize=bool(standardize))
 
 
 @jax.jit
@@ -139,8 +183,10 @@ def logit_mse_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.
   return _logit_mse(student_logits, teacher_logits)
 
 
-@jax.jit
-def _dkd(s, t, labels, alpha, beta, temperature):
+@jax.jit(static_argnames=("standardize",))
+def _dkd(s, t, labels, alpha, beta, temperature, standardize=False):
+  if standardize:
+    s, t = _zscore(s), _zscore(_const(t))
   target = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)
 
   def parts(z):
@@ -161,7 +207,7 @@ def _dkd(s, t, labels, alpha, beta, temperature):
 
 
 def dkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *, alpha: float = 1.0,
-             beta: float = 8.0, temperature: float = 4.0) -> jax.Array:
+             beta: float = 8.0, temperature: float = 4.0, standardize: bool = False) -> jax.Array:
   """Decoupled KD: α · T² · KL(b_t ‖ b_s) + β · T² · KL(q_t ‖ q_s), per example.
 
   With p = softmax(z / T): b = (p_target, 1 − p_target) is the binary
@@ -177,6 +223,7 @@ def dkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.A
     beta: weight of NCKD (8 for CIFAR-100 in the paper; mdistiller also warms the whole loss up over
       the first epochs, which is the caller's schedule).
     temperature: T > 0.
+    standardize: z-score each row of both logits first (`standardize_logits`, Sun et al. 2024).
 
   Returns:
     [B] float32.
@@ -189,13 +236,14 @@ def dkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.A
 
   References:
     Zhao, Cui, Song, Qiu & Liang 2022, "Decoupled Knowledge Distillation", CVPR.
+    Sun, Ren, Li, Wang & Cao 2024, "Logit Standardization in Knowledge Distillation", CVPR (standardize).
   """
   _checks.positive(temperature, name="temperature")
   _logit_pair(student_logits, teacher_logits, "dkd_loss")
   if jnp.shape(student_logits)[-1] < 2:
     raise ValueError(f"dkd_loss: needs at least 2 classes, got logits shape {jnp.shape(student_logits)}")
   _labels(labels, student_logits, "dkd_loss")
-  return _dkd(student_logits, teacher_logits, labels, alpha, beta, temperature)
+  return _dkd(student_logits, teacher_logits, labels, alpha, beta, temperature, standardize=bool(standardize))
 
 
 def _pearson(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
@@ -205,8 +253,10 @@ def _pearson(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
   return jnp.sum(a * b, axis=axis)
 
 
-@jax.jit
-def _dist(s, t, beta, gamma, temperature):
+@jax.jit(static_argnames=("standardize",))
+def _dist(s, t, beta, gamma, temperature, standardize=False):
+  if standardize:
+    s, t = _zscore(s), _zscore(_const(t))
   y_s = jax.nn.softmax(_f32(s) / temperature, axis=-1)
   y_t = jax.nn.softmax(_const(t) / temperature, axis=-1)
   inter = 1.0 - jnp.mean(_pearson(y_s, y_t, axis=1))
@@ -215,7 +265,7 @@ def _dist(s, t, beta, gamma, temperature):
 
 
 def dist_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: float = 1.0, gamma: float = 1.0,
-              temperature: float = 1.0) -> jax.Array:
+              temperature: float = 1.0, standardize: bool = False) -> jax.Array:
   """DIST: τ² · (β · (1 − mean_i ρ(y_s[i,:], y_t[i,:])) + γ · (1 − mean_k ρ(y_s[:,k], y_t[:,k]))).
 
   y = softmax(z / τ) and ρ the Pearson correlation: inter-class relations of each
@@ -228,6 +278,7 @@ def dist_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: flo
     beta: weight of the inter-class term.
     gamma: weight of the intra-class term.
     temperature: τ > 0.
+    standardize: z-score each row of both logits first (`standardize_logits`, Sun et al. 2024).
 
   Returns:
     [] float32 (a relation over the batch).
@@ -243,7 +294,7 @@ def dist_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, beta: flo
   """
   _checks.positive(temperature, name="temperature")
   _logit_pair(student_logits, teacher_logits, "dist_loss")
-  return _dist(student_logits, teacher_logits, beta, gamma, temperature)
+  return _dist(student_logits, teacher_logits, beta, gamma, temperature, standardize=bool(standardize))
 
 
 def virtual_teacher_logits(labels: jax.Array, num_classes: int, *, correct_probability: float = 0.9) -> jax.Array:

@@ -205,3 +205,44 @@ def correlation_congruence_loss(student_embeddings: jax.Array, teacher_embedding
   if int(order) != order or order < 0:
     raise ValueError(f"correlation_congruence_loss: order must be a non-negative integer, got {order}")
   return _correlation_congruence(student_embeddings, teacher_embeddings, gamma=float(gamma), order=int(order))
+
+
+@jax.jit
+def _consecutive_correlation(s, t):
+  delta = jnp.abs(_flat(s) - _flat(t, constant=True))
+  return jnp.mean(jnp.sum(delta[:-1] * delta[1:], axis=-1))
+
+
+def consecutive_correlation_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Array) -> jax.Array:
+  """RepDistiller's correlation loss: mean over i of Σ_d |s_i − t_i|_d · |s_{i+1} − t_{i+1}|_d (consecutive rows).
+
+  This is the quantity RepDistiller's `distiller_zoo/CC.py` computes ("code
+  emailed ... by the original author") and the one behind the CRD paper's CC
+  figures with weight 0.02; it is not the paper's Taylor-expanded RBF congruence
+  (`correlation_congruence_loss`). Both embeddings need one width (RepDistiller's
+  `LinearEmbed` maps both to 128) and the order of the batch matters.
+
+  Args:
+    student_embeddings: [B, D] float, B ≥ 2.
+    teacher_embeddings: [B, D] float, a constant.
+
+  Returns:
+    [] float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> s = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    >>> float(consecutive_correlation_loss(s, jnp.zeros((3, 2))))
+    1.0
+
+  References:
+    Peng et al. 2019, "Correlation Congruence for Knowledge Distillation", ICCV; Tian, Krishnan & Isola 2020,
+    "Contrastive Representation Distillation", ICLR (RepDistiller, distiller_zoo/CC.py).
+  """
+  _check_pair(student_embeddings, teacher_embeddings, "consecutive_correlation_loss")
+  if _flat(student_embeddings).shape != _flat(teacher_embeddings).shape:
+    raise ValueError(f"consecutive_correlation_loss: student and teacher embeddings need one width, got "
+                     f"{jnp.shape(student_embeddings)} and {jnp.shape(teacher_embeddings)}")
+  if jnp.shape(student_embeddings)[0] < 2:
+    raise ValueError(f"consecutive_correlation_loss: needs a batch of at least 2, got {jnp.shape(student_embeddings)}")
+  return _consecutive_correlation(student_embeddings, teacher_embeddings)
