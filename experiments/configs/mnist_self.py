@@ -30,7 +30,7 @@ batch 128, 60 epochs, no augmentation; experiments/configs/mnist_methods.py). Ro
 """
 from typing import Any, Mapping
 
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 
@@ -83,6 +83,6 @@ def get_config(rows: str = ""):
   c.rows.sla_sd = row(model="sla", model_kwargs={"base": "mlp_800", "output": "sd"}, epochs=epochs,
                       terms={"sla": {"self_distillation": True}}, **common)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -172,9 +172,11 @@ def register(name: str, loader: Callable[[str | None], Dataset]) -> None:
 def load(name: str, *, directory: str | None = None) -> Dataset:
   """Loads dataset `name`; `directory` (or $KD_JAX_DATA_DIR) selects local files."""
   if name not in _SOURCES:
+    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
+
     close = difflib.get_close_matches(name, list(_SOURCES), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(names())}")
+    raise ConfigError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(names())}")
   return _SOURCES[name](data_dir(directory))
 
 
