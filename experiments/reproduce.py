@@ -130,7 +130,8 @@ def plot(rows: list[dict], path: str) -> None:
   ax.set_xlabel("epoch")
   ax.set_ylabel("test accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  if ax.lines:  # rows without a history (a run shorter than an epoch) leave nothing to label
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

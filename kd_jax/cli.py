@@ -83,7 +83,9 @@ def error_line(exc: BaseException, argv: Sequence[str] = ()) -> str:
   from kd_jax.train.config import ConfigError
 
   chain = _chain(exc)
-  config_error = next((e for e in chain if isinstance(e, ConfigError)), None)
+  # the outermost one with context ("rows.x.terms: ..."), not config_flags' re-raise of the same type
+  config_error = next((e for e in chain if isinstance(e, ConfigError)
+                       and "Error whilst parsing config file" not in str(e)), None)
   unknown_key = next((e for e in chain if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)
                       and "\nDid you mean" in e.args[0]), None)
   if config_error is not None:
@@ -93,6 +95,9 @@ def error_line(exc: BaseException, argv: Sequence[str] = ()) -> str:
     message = f"unknown config key {key}{_flag_naming(key, argv)} ({hint[0].lower()}{hint[1:]})"
   elif isinstance(exc, flags.Error) and "Error whilst parsing config file" not in str(exc):
     message = str(exc)  # names the flag: "flag --config.epochs=abc: invalid literal ..."
+  elif "Error whilst parsing config file" in str(exc):  # the chain can be cut: the traceback's last line
+    message = [line for line in str(exc).splitlines() if line.strip()][-1].strip()
+    message = message.split("ConfigError: ", 1)[-1]
   elif isinstance(chain[-1], (KeyError, AttributeError)) and not isinstance(exc, flags.Error):
     key = str(chain[-1].args[0] if chain[-1].args else chain[-1])
     message = f"unknown config key {key!r}{_flag_naming(key, argv)}"
@@ -109,8 +114,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flags parser for `app.run`, printing a flag or config-file mistake as one line (exit 2)."""
   from absl import flags
 
-  if flags.FLAGS.is_parsed():  # a second run in one process (tests)
+  if flags.FLAGS.is_parsed():  # a second run in one process (tests): config_flags' overrides are made anew
     flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)
   try:
     return flags.FLAGS(list(argv))
   except Exception as e:  # noqa: BLE001: every parse failure is the user's input
@@ -150,7 +157,9 @@ def run_app(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None)
   """`app.run(main)` with one-line config errors; exits."""
   from absl import app
 
-  app.run(guard(main), argv=list(sys.argv if argv is None else argv), flags_parser=parse_flags)
+  if argv is not None:
+    sys.argv = list(argv)  # config_flags finds the --config.<key> overrides in sys.argv
+  app.run(guard(main), argv=list(sys.argv), flags_parser=parse_flags)
 
 
 # --- kd-jax -----------------------------------------------------------------------------------------
