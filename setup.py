@@ -15,6 +15,8 @@ setuptools.setup(
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",
         "tensorflow-datasets>=4.9",
+        "importlib_resources>=5",  # TFDS imports it to download and prepare datasets
+        "tensorboardX>=2.6",  # kd_jax/train/summaries.py: TensorBoard event files without TensorFlow
         "chex>=0.1.87",
         "ml_collections>=0.1.1",
         "absl-py>=2.0",
