@@ -88,6 +88,7 @@ def test_config_mistakes_are_one_line_and_print_config_lists_rows(tmp_path):
       [f"--config={DEMO}:student_kd", "--config.max_steps=7", "--print_config"],
       [f"--config={DEMO}", "--list_rows"],
       [f"--config={DEMO}:student", "--config.rows.student.model=mlpp", "--list_rows"],
+      ["--config=tests/configs/tiny_digits.py:teacher", "--config.epochs=1", f"--workdir={tmp_path / 'report'}"],
   ]
   results = _run_cases(tmp_path, [argv for argv, _ in mistakes] + others)
   for (argv, names), r in zip(mistakes, results):
@@ -97,7 +98,7 @@ def test_config_mistakes_are_one_line_and_print_config_lists_rows(tmp_path):
     for name in names:
       assert name in lines[0], (argv, name, lines[0])
     assert "Traceback" not in r["stderr"] and not r["stdout"], (argv, r)
-  verbose, printed, listed, listed_bad = results[len(mistakes):]
+  verbose, printed, listed, listed_bad, trained = results[len(mistakes):]
   assert verbose["raised"] and verbose["code"] == 1  # the exception itself, for its traceback
   assert printed["code"] == 0 and not printed["stderr"].strip()
   text = printed["stdout"]
@@ -110,6 +111,13 @@ def test_config_mistakes_are_one_line_and_print_config_lists_rows(tmp_path):
       "student_kd: model=mlp teacher=teacher terms=ce*0.1,kd*0.9 epochs=100",
   ]
   assert listed_bad["code"] == 2 and "'mlpp'" in listed_bad["stderr"]  # listing checks the config too
+  # A run writes reproduce's report for its one seed, and the plot.
+  assert trained["code"] == 0, trained
+  report = (tmp_path / "report" / "REPORT.md").read_text()
+  assert "Command: `python -m experiments.main --config=tests/configs/tiny_digits.py:teacher" in report
+  assert "| teacher | mlp | – |" in report and "| 1 | 1 |" in report  # 1 seed, 1 epoch
+  assert (tmp_path / "report" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| teacher | mlp |" in trained["stdout"] and "REPORT.md" in trained["stdout"]
 
 
 def test_shipped_config_by_short_name():
