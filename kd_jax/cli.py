@@ -176,10 +176,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     return
   if command not in COMMANDS:
     raise SystemExit(f"error: unknown command {command!r}; use one of {', '.join([*COMMANDS, 'configs'])}")
-  module = _experiments_module(COMMANDS[command])
   if command == "benchmark":  # argparse: its own errors and --help
+    try:  # its workers run `python -m experiments.benchmark` in the checkout, its PyTorch side third_party/
+      module = importlib.import_module("experiments.benchmark")
+    except ModuleNotFoundError:
+      raise SystemExit("error: kd-jax benchmark runs from a checkout of the repository (its worker processes "
+                       "and PyTorch references live there): cd into it first") from None
     module.main(rest)
     return
+  module = _experiments_module(COMMANDS[command])
   if rest and not rest[0].startswith("-"):
     rest = [f"--config={config_path(rest[0])}", *rest[1:]]
   if command == "search":  # search.py defines its flags only when run
