@@ -24,6 +24,11 @@ COMMANDS = {"train": "main", "reproduce": "reproduce", "search": "search", "benc
 USAGE_ERROR = 2  # the exit status of a config or flag mistake
 
 
+def _usage_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
 def _experiments_module(name: str):
   """`kd_jax.experiments.<name>` in an installed package, `experiments.<name>` in a checkout."""
   try:
@@ -53,7 +58,7 @@ def config_path(spec: str) -> str:
 
     close = difflib.get_close_matches(name, config_names(), n=2)
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-    raise SystemExit(f"error: no shipped config {name!r}{hint}; shipped: {', '.join(config_names())}")
+    _usage_error(f"no shipped config {name!r}{hint}; shipped: {', '.join(config_names())}")
   return os.path.join(configs_dir(), name + ".py") + colon + rows
 
 
@@ -175,13 +180,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n".join(config_names()))
     return
   if command not in COMMANDS:
-    raise SystemExit(f"error: unknown command {command!r}; use one of {', '.join([*COMMANDS, 'configs'])}")
+    _usage_error(f"unknown command {command!r}; use one of {', '.join([*COMMANDS, 'configs'])}")
   if command == "benchmark":  # argparse: its own errors and --help
     try:  # its workers run `python -m experiments.benchmark` in the checkout, its PyTorch side third_party/
       module = importlib.import_module("experiments.benchmark")
     except ModuleNotFoundError:
-      raise SystemExit("error: kd-jax benchmark runs from a checkout of the repository (its worker processes "
-                       "and PyTorch references live there): cd into it first") from None
+      _usage_error("kd-jax benchmark runs from a checkout of the repository (its worker processes and PyTorch "
+                   "references live there): cd into it first")
     module.main(rest)
     return
   module = _experiments_module(COMMANDS[command])

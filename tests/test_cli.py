@@ -120,16 +120,20 @@ def test_config_mistakes_are_one_line_and_print_config_lists_rows(tmp_path):
   assert "| teacher | mlp |" in trained["stdout"] and "REPORT.md" in trained["stdout"]
 
 
-def test_shipped_config_by_short_name():
+def test_shipped_config_by_short_name(capsys):
   from kd_jax import cli
 
   assert "digits_demo" in cli.config_names() and "hinton_mnist" in cli.config_names()
   path = cli.config_path("digits_demo:student")
   assert path.endswith(os.path.join("configs", "digits_demo.py") + ":student") and os.path.isabs(path)
   assert cli.config_path("my/own.py:row") == "my/own.py:row"
-  try:
-    cli.config_path("digits_dem")
-  except SystemExit as e:
-    assert "did you mean 'digits_demo'" in str(e.code)
-  else:
-    raise AssertionError("an unknown short name must exit")
+  for call in (lambda: cli.config_path("digits_dem"), lambda: cli.main(["trian", "digits_demo"])):
+    try:
+      call()
+    except SystemExit as e:
+      assert e.code == 2
+    else:
+      raise AssertionError("a mistake must exit")
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0].startswith("error: no shipped config 'digits_dem' (did you mean 'digits_demo'?)")
+  assert lines[1] == "error: unknown command 'trian'; use one of train, reproduce, search, benchmark, configs"
