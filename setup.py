@@ -1,4 +1,10 @@
-"""kd_jax: knowledge distillation in JAX/Flax."""
+"""kd_jax: knowledge distillation in JAX/Flax.
+
+`pip install .` installs the one package `kd_jax`; the repository's experiments/ (the CLIs and the shipped
+table configs) travel inside it as `kd_jax.experiments`, so `kd-jax train hinton_mnist` works from any
+directory while `python -m experiments.main` keeps working from a checkout. tests/ and third_party/ (the
+PyTorch oracles of the parity tests) stay in the repository.
+"""
 import setuptools
 
 setuptools.setup(
@@ -7,7 +13,19 @@ setuptools.setup(
     description="Knowledge distillation in JAX/Flax: losses, model zoo, sharded training, paper reproductions.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["kd_jax", "kd_jax.*", "experiments", "experiments.*", "third_party", "third_party.*"]),
+    author="kd_jax developers",
+    url="https://github.com/kd-jax/kd_jax",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    packages=setuptools.find_packages(include=["kd_jax", "kd_jax.*"])
+    + ["kd_jax.experiments", "kd_jax.experiments.configs"],
+    package_dir={"kd_jax.experiments": "experiments"},
+    entry_points={"console_scripts": ["kd-jax = kd_jax.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",
@@ -15,6 +33,8 @@ setuptools.setup(
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",
         "tensorflow-datasets>=4.9",
+        "importlib_resources>=5",  # TFDS imports it to download and prepare datasets
+        "tensorboardX>=2.6",  # kd_jax/train/summaries.py: TensorBoard event files without TensorFlow
         "chex>=0.1.87",
         "ml_collections>=0.1.1",
         "absl-py>=2.0",

@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import platform
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "A table config file (experiments/configs/*.py[:rows]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory of the runs and the report.")
-flags.DEFINE_integer("seeds", 3, "Number of seeds: 0 .. seeds-1 (plus --first_seed).")
-flags.DEFINE_integer("first_seed", 0, "The first seed.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """The CLI's flags, defined only when run as a script: experiments.main imports the report code and
+  has its own --config."""
+  config_flags.DEFINE_config_file("config", None, "A table config file (experiments/configs/*.py[:rows]).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory of the runs and the report.")
+  flags.DEFINE_integer("seeds", 3, "Number of seeds: 0 .. seeds-1 (plus --first_seed).")
+  flags.DEFINE_integer("first_seed", 0, "The first seed.")
+  flags.DEFINE_bool("verbose", False, "Show tracebacks of config mistakes, and INFO logs.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -120,12 +125,13 @@ def plot(rows: list[dict], path: str) -> None:
     epochs = [e["epoch"] for e in histories[0][:length]]
     acc = np.asarray([[100 * e["test_accuracy"] for e in h[:length]] for h in histories])
     mean, std = acc.mean(0), acc.std(0)
-    ax.plot(epochs, mean, label=r["row"])
+    ax.plot(epochs, mean, label=r["row"], marker="o" if len(epochs) == 1 else None)  # one point: no line
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.25)
   ax.set_xlabel("epoch")
   ax.set_ylabel("test accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  if ax.lines:  # rows without a history (a run shorter than an epoch) leave nothing to label
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -137,24 +143,36 @@ def reproduce(config, workdir: str, *, seeds: int, first_seed: int = 0, command:
   from kd_jax import train
 
   per_seed = {}
-  for seed in range(first_seed, first_seed + seeds):
+  for i, seed in enumerate(range(first_seed, first_seed + seeds)):
+    if jax.process_index() == 0:
+      print(f"seed {seed} ({i + 1}/{seeds}): {os.path.join(workdir, f'seed_{seed}')}", flush=True)
     seed_config = copy.deepcopy(config)
     seed_config.seed = seed
     per_seed[seed] = train.run(seed_config, os.path.join(workdir, f"seed_{seed}"))
   rows = summarize(config, per_seed)
   if jax.process_index() == 0:
-    table = markdown(config, rows, command)
-    with open(os.path.join(workdir, "REPORT.md"), "w") as f:
-      f.write(table)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump([{k: v for k, v in r.items() if k != "history"} for r in rows], f, indent=2)
-    plot(rows, os.path.join(workdir, "accuracy.png"))
+    write_report(config, per_seed, workdir, command, rows=rows)
+  return rows
+
+
+def write_report(config, per_seed: dict[int, dict[str, dict]], workdir: str, command: str,
+                 rows: list[dict] | None = None) -> list[dict]:
+  """REPORT.md, summary.json and accuracy.png in `workdir` from {seed: train.run's results}."""
+  rows = summarize(config, per_seed) if rows is None else rows
+  with open(os.path.join(workdir, "REPORT.md"), "w") as f:
+    f.write(markdown(config, rows, command))
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump([{k: v for k, v in r.items() if k != "history"} for r in rows], f, indent=2)
+  plot(rows, os.path.join(workdir, "accuracy.png"))
   return rows
 
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.WARNING)
+  from kd_jax import cli
+
+  if not FLAGS.verbose:
+    cli.quiet_logs()
   command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
   rows = reproduce(FLAGS.config, FLAGS.workdir, seeds=FLAGS.seeds, first_seed=FLAGS.first_seed, command=command)
   print(markdown(FLAGS.config, rows, command))
@@ -163,4 +181,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from kd_jax import cli
+
+  _define_flags()
+  cli.run_app(main)

@@ -4,8 +4,10 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from kd_jax import data, distill, losses, models, train
 from kd_jax.data import augment, mnist
@@ -56,6 +58,16 @@ def corrupt_mnist(tmp):
   raw[50] ^= 1
   path.write_bytes(gzip.compress(bytes(raw)))
   return lambda: data.load("mnist", directory=str(tmp))
+
+
+S2 = np.array([[1.0, 2.0, 0.5], [0.5, -1.0, 3.0]], np.float32)
+T2 = np.array([[2.0, 0.0, 1.0], [1.0, 0.5, 0.0]], np.float32)
+
+
+def checkified(fn, *args):
+  """Runs jit(fn) under checkify and throws its error: how a caller checks traced values."""
+  error, _ = checkify.checkify(jax.jit(fn))(*args)
+  error.throw()
 
 
 def with_teacher_dir(make_dir, **changes):
@@ -154,6 +166,33 @@ CASES = {
         lambda tmp: data.Dataset("x", np.zeros((2, 1, 1, 1), np.float32), np.zeros(2, np.int32),
                                  np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.int32), num_classes=10),
         ValueError, r"x: train images must be uint8 \[N, H, W, C\], got float32"),
+    # --- losses (computed-correctly edge cases: test_loss_edge_cases_are_computed_correctly) ---
+    "kd temperature [B, 1]": (lambda tmp: losses.kd_loss(S2, T2, temperature=np.ones((2, 1))), ValueError,
+                              r"kd_loss: temperature must be a scalar or per-example \[B\] = \[2\], got shape "
+                              r"\(2, 1\)"),
+    "kd temperature of another batch": (lambda tmp: losses.kd_loss(S2, T2, temperature=np.ones(3)), ValueError,
+                                        r"per-example \[B\] = \[2\], got shape \(3,\)"),
+    "kd temperature 0": (lambda tmp: losses.kd_loss(S2, T2, temperature=0.0), ValueError,
+                         r"kd_loss: temperature must be > 0, got 0.0"),
+    "kd per-example temperature with a 0": (lambda tmp: losses.kd_loss(S2, T2, temperature=np.array([1.0, 0.0])),
+                                            ValueError, r"kd_loss: temperature must be > 0, got 0.0"),
+    "kd traced temperature 0, checked": (
+        lambda tmp: checkified(lambda t: losses.kd_loss(S2, T2, temperature=t, check=True), 0.0),
+        checkify.JaxRuntimeError, r"kd_loss: temperature must be > 0, got a minimum of 0.0"),
+    "kd NaN student logit, checked eagerly": (
+        lambda tmp: losses.kd_loss(S2.copy().clip(max=np.nan), T2, check=True), checkify.JaxRuntimeError,
+        r"kd_loss: student_logits has 6 NaN or \+inf value\(s\)"),
+    "kd NaN teacher logit under jit, checked": (
+        lambda tmp: checkified(lambda t: losses.kd_loss(S2, t, check=True), T2 * np.array([1, np.nan, 1], np.float32)),
+        checkify.JaxRuntimeError, r"kd_loss: teacher_logits has 2 NaN or \+inf value\(s\)"),
+    "kd checked under jit without checkify": (
+        lambda tmp: jax.jit(lambda t: losses.kd_loss(S2, T2, temperature=t, check=True))(1.0), ValueError,
+        r"checkify.check which was not functionalized"),
+    "cross-entropy labels out of range": (lambda tmp: losses.cross_entropy(S2, np.array([0, 3])), ValueError,
+                                          r"cross_entropy: labels must lie in \[0, 3\), got values from 0 to 3"),
+    "cross-entropy traced labels out of range, checked": (
+        lambda tmp: checkified(lambda y: losses.cross_entropy(S2, y, check=True), np.array([-1, 2])),
+        checkify.JaxRuntimeError, r"cross_entropy: labels must lie in \[0, 3\), got values from -1 to 2"),
 }
 
 
@@ -162,6 +201,50 @@ def test_bad_input_is_a_clear_error(name, tmp_path):
   make_error, error_type, message = CASES[name]
   with pytest.raises(error_type, match=message):
     make_error(tmp_path)
+
+
+def _kd_reference(student, teacher, temperature):
+  """T² KL(p_t ‖ p_s) per row in float64, a p_t = 0 class adding 0 (0 · log 0 = 0)."""
+  student, teacher = np.asarray(student, np.float64) / temperature, np.asarray(teacher, np.float64) / temperature
+  log_p = lambda z: z - np.max(z) - np.log(np.sum(np.exp(z - np.max(z))))
+  out = []
+  for s, t in zip(student, teacher):
+    p_t, keep = np.exp(log_p(t)), np.isfinite(t)
+    out.append(temperature ** 2 * np.sum(p_t[keep] * (log_p(t)[keep] - log_p(s)[keep])))
+  return np.array(out)
+
+
+def test_loss_edge_cases_are_computed_correctly():
+  """The loss edge cases that are not errors: a per-example temperature, −inf logits as masked classes."""
+  # Per-example temperature [B]: each row at its own T.
+  per_row = losses.kd_loss(S2, T2, temperature=np.array([1.0, 4.0], np.float32))
+  np.testing.assert_allclose(per_row, [_kd_reference(S2[:1], T2[:1], 1.0)[0], _kd_reference(S2[1:], T2[1:], 4.0)[0]],
+                             rtol=1e-5)
+  assert per_row.shape == (2,)
+  # A class masked (−inf) in the teacher only, and in both: finite, as the KL over the classes the teacher keeps.
+  masked_teacher = T2.copy()
+  masked_teacher[:, 2] = -np.inf
+  masked_both = S2.copy()
+  masked_both[:, 2] = -np.inf
+  for student in (S2, masked_both):
+    loss = losses.kd_loss(student, masked_teacher, temperature=2.0)
+    np.testing.assert_allclose(loss, _kd_reference(student, masked_teacher, 2.0), rtol=1e-5)
+    grad = jax.grad(lambda s: jnp.sum(losses.kd_loss(s, masked_teacher, temperature=2.0)))(jnp.asarray(student))
+    assert np.all(np.isfinite(grad)), grad
+  # Masked in both: the same loss and gradient as the KD over the K − 1 other classes.
+  sliced = jax.grad(lambda s: jnp.sum(losses.kd_loss(s, T2[:, :2], temperature=2.0)))(jnp.asarray(S2[:, :2]))
+  grad = jax.grad(lambda s: jnp.sum(losses.kd_loss(s, masked_teacher, temperature=2.0)))(jnp.asarray(masked_both))
+  np.testing.assert_allclose(grad[:, :2], sliced, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(grad[:, 2], 0.0)
+  np.testing.assert_allclose(losses.kd_loss(masked_both, masked_teacher, temperature=2.0),
+                             losses.kd_loss(S2[:, :2], T2[:, :2], temperature=2.0), rtol=1e-6)
+  # Masked by the student only: the teacher's mass on a class the student rules out is infinitely wrong.
+  assert np.isinf(losses.kd_loss(masked_both, T2, temperature=2.0)).all()
+  # A checked call with valid traced values returns the unchecked value and no error.
+  error, value = checkify.checkify(jax.jit(lambda t: losses.kd_loss(S2, masked_teacher, temperature=t,
+                                                                    check=True)))(2.0)
+  assert error.get() is None
+  np.testing.assert_allclose(value, _kd_reference(S2, masked_teacher, 2.0), rtol=1e-5)
 
 
 def test_the_table_is_large_enough():

@@ -320,3 +320,36 @@ def test_prefetch_runs_ahead_and_close_stops_the_thread():
   items.close()
   count = len(produced)
   assert count <= 5 and list(items) == []
+
+
+# ------------------------------------------------- MNIST through TFDS, the network blocked
+
+
+def test_mnist_through_tfds_offline_fails_at_the_network_step_saying_how_to_work_offline(monkeypatch, tmp_path):
+  """No KD_JAX_DATA_DIR, an empty TFDS home, sockets blocked: TFDS's real download path runs (its
+  dependencies importable: importlib_resources was missing once) and fails only where it connects."""
+  import socket
+
+  from tensorflow_datasets.core.download import downloader
+
+  attempts = []
+
+  def blocked(*args, **kwargs):
+    attempts.append(args[1:2] or args[:1])
+    raise OSError("network blocked by the test")
+
+  monkeypatch.setattr(socket.socket, "connect", blocked)
+  monkeypatch.setattr(socket, "create_connection", blocked)
+  monkeypatch.setattr(socket, "getaddrinfo", blocked)
+  monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS backs off for minutes before giving up
+  monkeypatch.delenv("KD_JAX_DATA_DIR", raising=False)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_home"))
+  with pytest.raises(tfds_source.DataNotAvailable) as info:
+    data.load("mnist")
+  message = str(info.value)
+  assert attempts, "the download never reached the network"
+  assert f"dataset 'mnist' is not prepared in {tmp_path / 'tfds_home'}" in message
+  assert re.search(r"failed \(ConnectionError: .*network blocked by the test", message)
+  assert "To work offline" in message and "tfds build mnist --file_format=array_record" in message
+  assert ("train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+          "t10k-labels-idx1-ubyte.gz) in <dir>/mnist/ and set KD_JAX_DATA_DIR=<dir>") in message

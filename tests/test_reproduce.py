@@ -9,11 +9,13 @@ from kd_jax import train
 from tests.configs import tiny_digits
 
 
-def test_reproduce_writes_table_and_plot_and_resumes(tmp_path):
+def test_reproduce_writes_table_and_plot_and_resumes(tmp_path, capsys):
   config = tiny_digits.get_config()
   config.epochs = 1
   config.rows.teacher.paper = "97.5"
   rows = reproduce.reproduce(config, str(tmp_path), seeds=2, command="python -m experiments.reproduce ...")
+  printed = capsys.readouterr().out
+  assert f"seed 0 (1/2): {tmp_path / 'seed_0'}" in printed and f"seed 1 (2/2): {tmp_path / 'seed_1'}" in printed
   report = (tmp_path / "REPORT.md").read_text()
   assert "| teacher | mlp | 97.5 |" in report and "| student_kd | mlp | – |" in report
   assert "(more than 2 std)" in report or "| +0.00 |" in report  # the gap to the paper is shown
@@ -30,6 +32,23 @@ def test_reproduce_writes_table_and_plot_and_resumes(tmp_path):
   again = reproduce.reproduce(config, str(tmp_path), seeds=2)
   assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
   assert stamps == {p: os.path.getmtime(p) for p in tmp_path.glob("seed_*/*/result.json")}
+
+
+def test_plot_marks_single_points(tmp_path, monkeypatch):
+  """A one-epoch history is one point: a line alone would draw nothing."""
+  from matplotlib.axes import Axes
+
+  drawn = []
+  original = Axes.plot
+  monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((list(a[0]), k.get("marker"))) or
+                      original(self, *a, **k))
+  epoch = lambda e, acc: {"epoch": e, "test_accuracy": acc}
+  rows = [{"row": "one", "history": [[epoch(1, 0.9)], [epoch(1, 0.92)]]},
+          {"row": "two", "history": [[epoch(1, 0.8), epoch(2, 0.85)]]},
+          {"row": "none", "history": [[]]}]
+  reproduce.plot(rows, str(tmp_path / "accuracy.png"))
+  assert drawn == [([1], "o"), ([1, 2], None)]
+  assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_one_seed_is_not_called_a_significant_gap():

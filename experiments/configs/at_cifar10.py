@@ -63,6 +63,6 @@ def get_config(rows: str = ""):
     c.rows[f"{TEACHER}__{STUDENT}__{method}"] = row(model=STUDENT, teacher=f"teacher__{TEACHER}",
                                                     terms=method_terms(method), paper=accuracy(method), **_recipe())
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

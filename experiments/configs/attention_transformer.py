@@ -20,7 +20,7 @@ accuracy): teacher 99.94%, kd 96.48%, attention 99.90%.
   python -m experiments.reproduce --config=experiments/configs/attention_transformer.py --seeds=2 \
       --workdir=/tmp/attention
 """
-from experiments.configs import table
+from kd_jax.train.tables import table
 from kd_jax.train import row
 
 
@@ -44,6 +44,6 @@ def get_config(rows: str = ""):
   c.rows.tinybert_attn = row(terms={**kd, "attention": {"weight": 100.0, "layers": "uniform", "loss": "mse"}},
                              **distil)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -199,6 +199,6 @@ def get_config(rows: str = ""):
         common["init_from"] = f"{name}_init"
       c.rows[name] = row(terms=method_terms(method, teacher, student), **common, **_recipe(student))
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -29,6 +29,6 @@ def get_config(rows: str = ""):
                           terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 8.0}},
                           optimizer=adam, schedule=cosine)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

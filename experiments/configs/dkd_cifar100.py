@@ -95,6 +95,6 @@ def get_config(rows: str = ""):
           model=student, teacher=f"teacher__{teacher}", terms=method_terms(method, beta), paper=figure,
           **_recipe(student))
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

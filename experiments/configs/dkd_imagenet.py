@@ -73,6 +73,6 @@ def get_config(rows: str = ""):
       c.rows[f"{teacher}__{student}__{method}"] = row(
           model=student, teacher=f"teacher__{teacher}", terms=method_terms(method, beta), paper=figure, **_recipe())
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

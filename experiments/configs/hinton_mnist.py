@@ -16,7 +16,7 @@ cosine decay to 0), batch 128. The student rows see unjittered inputs.
   # one row (its teacher row is trained first, or reused from the workdir):
   python -m experiments.main --config=experiments/configs/hinton_mnist.py:student_kd --workdir=/tmp/hinton
 """
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 
@@ -34,6 +34,6 @@ def get_config(rows: str = ""):
                           cache_teacher=True,
                           terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}})
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

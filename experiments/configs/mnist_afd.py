@@ -20,7 +20,7 @@ as DML's (96.5%). Measured (tests/test_afd.py, slow): afd after 2 epochs 97.50% 
   python -m experiments.main --config=experiments/configs/mnist_afd.py --workdir=/tmp/mnist_afd
   python -m experiments.reproduce --config=experiments/configs/mnist_afd.py --seeds=3 --workdir=/tmp/mnist_afd
 """
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 
@@ -33,6 +33,6 @@ def get_config(rows: str = ""):
   c.rows.afd = row(terms={**dml, "afd": {"weight": 0.1, "feature": "pre_logits", "hidden": [64], "kind": "lsgan",
                                          "learning_rate": 1e-5, "b1": 0.5}}, **common)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -23,7 +23,7 @@ resnet8 (16-16-32-64) at 28x28x1, SGD with momentum, 20 epochs. Rows:
   python -m experiments.main --config=experiments/configs/mnist_collaborative.py:cheap_dml,cnn_depthwise \
       --workdir=/tmp/mnist_collab
 """
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 MLP = {"model": "mlp_800"}
@@ -56,6 +56,6 @@ def get_config(rows: str = ""):
   c.rows.cheap_ffl = row(model="group", model_kwargs={**cheap, "fusion": "stage3"},
                          terms={"ffl": {"temperature": 3.0}}, **sgd)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -33,7 +33,7 @@ Rows:
   python -m experiments.reproduce --config=experiments/configs/mnist_methods.py --seeds=3 --workdir=/tmp/mnist_methods
   python -m experiments.main --config=experiments/configs/mnist_methods.py:dml --workdir=/tmp/mnist_methods
 """
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 TEACHER_EPOCHS = 60
@@ -80,6 +80,6 @@ def get_config(rows: str = ""):
                            schedule=cosine, epochs=max(1, epochs // 6))
   c.rows.wd = row(teacher="teacher", init_from="wd_generate", terms=kd, **cached, **student)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

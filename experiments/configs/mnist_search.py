@@ -20,7 +20,7 @@ w800x400 97.04% (2 epochs each); stopped after 1 epoch: w50 89.49%, w800 95.50%.
 """
 import ml_collections
 
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 

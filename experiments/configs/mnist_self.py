@@ -36,7 +36,7 @@ last partial batch of each epoch's permutation is dropped (60000 = 468 x 128 + 9
 """
 from typing import Any, Mapping
 
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 
@@ -95,6 +95,6 @@ def get_config(rows: str = ""):
   c.rows.sla_sd = row(model="sla", model_kwargs={"base": "mlp_800", "output": "sd"}, epochs=epochs,
                       terms={"sla": {"self_distillation": True}}, **common)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -26,7 +26,7 @@ the KD loss (0.1 CE + 0.9 KD at T=20). Rows:
   python -m experiments.main --config=experiments/configs/mnist_students.py:kd_q2,kd_q4,kd_q8 --workdir=/tmp/mnist_students
   python -m experiments.reproduce --config=experiments/configs/mnist_students.py --seeds=3 --workdir=/tmp/mnist_students
 """
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 LABELLED = 1000  # Noisy Student's labelled examples (of MNIST's 60000)
@@ -83,6 +83,6 @@ def get_config(rows: str = ""):
   c.rows.ns_student1 = row(teacher="ns_teacher", **noisy)
   c.rows.ns_student2 = row(teacher="ns_student1", **noisy)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

@@ -22,7 +22,7 @@ weight distillation 100% / 100% (phase 1 alone 99.996% / 100%); the teacher 99.9
   python -m experiments.main --config=experiments/configs/wd_transformer.py --workdir=/tmp/wd_transformer
   python -m experiments.reproduce --config=experiments/configs/wd_transformer.py --seeds=2 --workdir=/tmp/wd_transformer
 """
-from experiments.configs import table
+from kd_jax.train.tables import table
 from kd_jax.train import row
 
 
@@ -44,6 +44,6 @@ def get_config(rows: str = ""):
   c.rows.wd = row(model_kwargs=student, teacher="teacher", init_from="wd_generate", terms=kd, epochs=phase2_epochs,
                   **common)
   if rows:
-    from experiments.configs import select_rows
+    from kd_jax.train.tables import select_rows
     select_rows(c, rows)
   return c

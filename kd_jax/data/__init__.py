@@ -220,16 +220,20 @@ from kd_jax.data.arrays import ArrayDataset, from_arrays  # noqa: E402  (it subc
 def load(name: str, *, directory: str | None = None) -> Dataset:
   """Loads dataset `name`; `directory` (or $KD_JAX_DATA_DIR) selects local files."""
   if name not in _SOURCES:
+    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
+
     close = difflib.get_close_matches(name, list(_SOURCES), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(names())}")
+    raise ConfigError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(names())}")
   return _SOURCES[name](data_dir(directory))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Full batches per epoch (the remainder of each epoch's permutation is dropped)."""
   if batch_size > num_examples:
-    raise ValueError(f"batch size {batch_size} is larger than the {num_examples} training examples")
+    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
+
+    raise ConfigError(f"batch size {batch_size} is larger than the {num_examples} training examples")
   return num_examples // batch_size
 
 
@@ -262,7 +266,9 @@ def labelled_subset(num_examples: int, count: int, *, seed: int) -> np.ndarray:
   agrees on the same subset.
   """
   if not 0 < count <= num_examples:
-    raise ValueError(f"labelled_examples must lie in [1, {num_examples}] (the training-set size), got {count}")
+    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
+
+    raise ConfigError(f"labelled_examples must lie in [1, {num_examples}] (the training-set size), got {count}")
   order = np.random.default_rng([seed, 0x1abe1]).permutation(num_examples)
   return np.sort(order[:count])
 

@@ -43,4 +43,6 @@ def augment(rng: jax.Array, images: jax.Array, *, kind: str, max_shift: int = 2)
     images = _translate(crop_rng, images, 4)
     flip = jax.random.bernoulli(flip_rng, 0.5, (images.shape[0], 1, 1, 1))
     return jnp.where(flip, images[:, :, ::-1, :], images)
-  raise ValueError(f"unknown augmentation {kind!r}; known: {KINDS}")
+  from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
+
+  raise ConfigError(f"unknown augmentation {kind!r}; known: {KINDS}")

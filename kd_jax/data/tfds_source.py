@@ -12,10 +12,13 @@ found in neither is downloaded into the first, as ArrayRecord.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DataNotAvailable", "prepared_builder", "data_sources", "read_examples", "load"]
 
@@ -33,10 +36,17 @@ def _default_data_dir() -> str:
 
 
 def _build_hint(name: str, data_dir: str) -> str:
-  return (f"Prepare it on a machine with network access and tensorflow: "
+  """How to provide `name` offline."""
+  hint = (f"To work offline, prepare it on a machine with network access and tensorflow: "
           f"`tfds build {name} --file_format=array_record --data_dir {data_dir}` "
           f"(then copy that directory here), or point KD_JAX_DATA_DIR / --config.data.dir "
           f"at a directory that holds {name}/ prepared by TFDS.")
+  if name == "mnist":  # read without TFDS when KD_JAX_DATA_DIR is set
+    from kd_jax.data import mnist
+
+    hint += (f" Or put the four original MNIST files ({', '.join(mnist.FILES)}) in <dir>/mnist/ and set "
+             "KD_JAX_DATA_DIR=<dir>: they are read without TFDS.")
+  return hint
 
 
 def prepared_builder(name: str, data_dir: str | None = None):
@@ -54,6 +64,9 @@ def prepared_builder(name: str, data_dir: str | None = None):
     if builder.is_prepared():
       return builder
   target, target_dir = builders[0], candidates[0]
+  # Offline, TFDS's download retries with backoff take minutes before failing: say what is going on.
+  log.warning("dataset %r is not prepared in %s: downloading it through TFDS into %s", name,
+              " or ".join(candidates), target_dir)
   try:
     target.download_and_prepare(file_format="array_record")
   except Exception as e:  # network, manual-download, or missing-tensorflow failures alike

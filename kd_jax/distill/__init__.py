@@ -87,15 +87,17 @@ def term_names() -> list[str]:
 
 
 def _make_term(name: str, kwargs: Mapping[str, Any]) -> Term:
+  from kd_jax.train.config import ConfigError  # local: kd_jax.train imports distill
+
   if name not in _TERMS:
     close = difflib.get_close_matches(name, list(_TERMS), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown loss term {name!r}.{hint} Known terms: {', '.join(term_names())}")
+    raise ConfigError(f"unknown loss term {name!r}.{hint} Known terms: {', '.join(term_names())}")
   cls = _TERMS[name]
   accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
   unknown = sorted(set(kwargs) - set(accepted))
   if unknown:
-    raise ValueError(f"loss term {name!r} got unknown option(s) {unknown}; it accepts {accepted}")
+    raise ConfigError(f"loss term {name!r} got unknown option(s) {unknown}; it accepts {accepted}")
   return cls(**kwargs)
 
 

@@ -44,19 +44,54 @@ def _concrete(value):
   return np.asarray(value)
 
 
-def positive(value, *, name: str) -> None:
-  """Checks concrete values only: a traced one (e.g. a learned temperature under jit) cannot be checked."""
+def positive(value, *, name: str, check: bool = False) -> None:
+  """Checks concrete values (every element); a traced one (e.g. a learned temperature under jit) only with
+  `check=True`, through `jax.experimental.checkify` (see `traced_check`)."""
   concrete = _concrete(value)
-  if concrete is not None and concrete.size == 1 and not float(concrete) > 0:
-    raise ValueError(f"{name} must be > 0, got {float(concrete)}")
+  if concrete is not None and concrete.size and not np.all(concrete > 0):
+    raise ValueError(f"{name} must be > 0, got {concrete.min() if concrete.size > 1 else float(concrete)}")
+  if check and concrete is None:
+    traced_check(jnp.all(jnp.asarray(value) > 0), f"{name} must be > 0, got a minimum of {{value}}",
+                 value=jnp.min(jnp.asarray(value)))
 
 
-def labels_in_range(labels, num_classes: int, *, what: str) -> None:
+def traced_check(ok, message: str, **values) -> None:
+  """A run-time check of traced values (`jax.experimental.checkify.check`): an eager call raises at once; a
+  jitted function must be wrapped in `checkify.checkify` (whose error the caller throws), else JAX refuses
+  to trace it, saying so. `message` may name `values` as `{name}`."""
+  from jax.experimental import checkify
+
+  checkify.check(ok, message, **values)
+
+
+def not_nan(x, *, what: str, name: str, check: bool) -> None:
+  """With `check=True`: x has no NaN and no +inf (−inf is allowed: a masked class); eager or checkified."""
+  if check:
+    x = jnp.asarray(x)
+    bad = jnp.isnan(x) | (x == jnp.inf)
+    traced_check(~jnp.any(bad), f"{what}: {name} has {{count}} NaN or +inf value(s)", count=jnp.sum(bad))
+
+
+def scalar_or_batch(value, batch: int, *, what: str, name: str) -> None:
+  """`value` is a scalar or a [batch] vector (per-example), nothing else: a [B, 1] would broadcast to [B, B]."""
+  shape = jnp.shape(value)
+  if shape not in ((), (batch,)):
+    raise ValueError(f"{what}: {name} must be a scalar or per-example [B] = [{batch}], got shape {shape}")
+
+
+def labels_in_range(labels, num_classes: int, *, what: str, check: bool = False) -> None:
+  """Concrete labels are checked always, traced ones (under jit) only with `check=True` (see `traced_check`):
+  unchecked, an out-of-range label under jit reads a clamped or filled value, a number with no error."""
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
     raise TypeError(f"{what}: labels must be integers, got dtype {jnp.result_type(labels)}")
   values = _concrete(labels)
   if values is not None and values.size and (values.min() < 0 or values.max() >= num_classes):
     raise ValueError(f"{what}: labels must lie in [0, {num_classes}), got values from {values.min()} to {values.max()}")
+  if check and values is None:
+    labels = jnp.asarray(labels)
+    traced_check(jnp.all((labels >= 0) & (labels < num_classes)),
+                 f"{what}: labels must lie in [0, {num_classes}), got values from {{low}} to {{high}}",
+                 low=jnp.min(labels), high=jnp.max(labels))
 
 
 def safe_norm(x: jax.Array, axis=-1, keepdims: bool = False) -> jax.Array:

@@ -62,8 +62,8 @@ def _logit_pair(student_logits, teacher_logits, what):
   _checks.floating(teacher_logits, what=what, name="teacher_logits")
 
 
-def _labels(labels, logits, what):
-  _checks.labels_in_range(labels, jnp.shape(logits)[-1], what=what)
+def _labels(labels, logits, what, check=False):
+  _checks.labels_in_range(labels, jnp.shape(logits)[-1], what=what, check=check)
   if jnp.shape(labels) != jnp.shape(logits)[:-1]:
     raise ValueError(f"{what}: labels shape {jnp.shape(labels)} must be logits shape {jnp.shape(logits)} "
                      "without its last axis")
@@ -83,13 +83,16 @@ def _smoothed_cross_entropy(logits, labels, label_smoothing):
   return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
+                  check: bool = False) -> jax.Array:
   """Softmax cross-entropy with integer labels, optionally label-smoothed.
 
   Args:
     logits: [..., K] float (any float dtype).
-    labels: [...] int in [0, K) (checked when concrete).
+    labels: [...] int in [0, K): checked when concrete; traced (under jit) only with `check=True`,
+      else an out-of-range label silently reads a clamped or filled log-probability.
     label_smoothing: ε in [0, 1); the target is (1 − ε) · one_hot + ε / K.
+    check: check traced labels with `jax.experimental.checkify` (as `kd_loss`'s `check`).
 
   Returns:
     [...] float32 per-example loss.
@@ -105,7 +108,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
   """
   _checks.floating(logits, what="cross_entropy", name="logits")
   _checks.rank(logits, (1, 2, 3, 4), what="cross_entropy", name="logits [..., K]")
-  _labels(labels, logits, "cross_entropy")
+  _labels(labels, logits, "cross_entropy", check=check)
   if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"cross_entropy: label_smoothing must lie in [0, 1), got {label_smoothing}")
   if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
@@ -117,27 +120,46 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
 def _kd(s, t, temperature, standardize=False):
   if standardize:
     s, t = _zscore(s), _zscore(_const(t))
-  log_p_s = jax.nn.log_softmax(_f32(s) / temperature, axis=-1)
-  log_p_t = jax.nn.log_softmax(_const(t) / temperature, axis=-1)
-  # Σ p_t (log p_t − log p_s) from log-probabilities: finite even where p_t underflows to 0.
-  return temperature * temperature * jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  temperature = _f32(temperature)
+  per_class = temperature[:, None] if temperature.ndim else temperature  # [B] -> [B, 1]: one T per row
+  log_p_s = jax.nn.log_softmax(_f32(s) / per_class, axis=-1)
+  log_p_t = jax.nn.log_softmax(_const(t) / per_class, axis=-1)
+  p_t = jnp.exp(log_p_t)
+  # Σ p_t (log p_t − log p_s) from log-probabilities: finite even where p_t underflows to 0. A class with
+  # p_t = 0 (a −inf teacher logit: masked) adds 0, not 0·(−inf − log p_s) = NaN; the where keeps NaN out of
+  # the gradient too.
+  gap = jnp.where(p_t > 0, log_p_t - log_p_s, 0.0)
+  return temperature * temperature * jnp.sum(p_t * gap, axis=-1)
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float = 4.0,
-            standardize: bool = False) -> jax.Array:
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature: float | jax.Array = 4.0,
+            standardize: bool = False, check: bool = False) -> jax.Array:
   """Hinton KD: T² · Σ_k p_t,k (log p_t,k − log p_s,k), p = softmax(z / T), per example.
 
   standardize=True: both sides' logits are z-scored first (`standardize_logits`,
   Sun et al. 2024); the paper pairs it with a smaller T (2) and a larger weight (9).
 
   Args:
-    student_logits: [B, K] float (any float dtype).
-    teacher_logits: [B, K] float, a constant (no gradient flows into it).
-    temperature: T > 0, a Python number or a traced scalar (e.g. a learned temperature).
-    standardize: z-score each row of both logits before the softmax (logit standardization).
+    student_logits: [B, K] float (any float dtype). −inf marks a masked class (see below).
+    teacher_logits: [B, K] float, a constant (no gradient flows into it). −inf marks a masked class.
+    temperature: T > 0: a scalar or per-example [B] (a Python number or an array, traced or not, e.g. a
+      learned temperature); any other shape ([B, 1] included) is an error.
+    standardize: z-score each row of both logits before the softmax (logit standardization; not with
+      masked −inf classes).
+    check: also check traced values (under jit) with `jax.experimental.checkify`: T > 0, and no NaN or
+      +inf in the logits. Eagerly a failed check raises at once; under jit, wrap the function in
+      `checkify.checkify` and throw its error (unwrapped, JAX refuses to trace the check).
 
   Returns:
     [B] float32.
+
+  Checked always: shapes, dtypes, the temperature's shape, and T > 0 where T is concrete (not traced).
+  Only with `check=True`: a traced T (a traced T = 0 gives NaN), NaN / +inf logits (else they propagate
+  into the loss, as IEEE arithmetic does).
+  Masked classes: a class whose teacher logit is −inf (p_t = 0) adds 0 to the sum, with finite values and
+  gradients (whatever the student's logit there, −inf included). A class the student masks (−inf) but the
+  teacher does not gives +inf: the student rules out what the teacher predicts. A row whose teacher logits
+  are all −inf has no distribution (NaN).
 
   Example:
     >>> import jax.numpy as jnp
@@ -151,8 +173,11 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, temperature
     Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv:1503.02531.
     Sun, Ren, Li, Wang & Cao 2024, "Logit Standardization in Knowledge Distillation", CVPR (standardize).
   """
-  _checks.positive(temperature, name="temperature")
   _logit_pair(student_logits, teacher_logits, "kd_loss")
+  _checks.scalar_or_batch(temperature, jnp.shape(student_logits)[0], what="kd_loss", name="temperature")
+  _checks.positive(temperature, name="kd_loss: temperature", check=check)
+  _checks.not_nan(student_logits, what="kd_loss", name="student_logits", check=check)
+  _checks.not_nan(teacher_logits, what="kd_loss", name="teacher_logits", check=check)
   return _kd(student_logits, teacher_logits, temperature, standardize=bool(standardize))
 
 

@@ -93,9 +93,11 @@ def _describe(fn: Any) -> str:
 
 
 def _unknown(name: str) -> ValueError:
+  from kd_jax.train.config import ConfigError  # local: kd_jax.train imports the models
+
   close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
   hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-  return ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(names())}")
+  return ConfigError(f"unknown model {name!r}.{hint} Known models: {', '.join(names())}")
 
 
 def spec(name: str) -> ModelSpec:

@@ -5,6 +5,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kd_jax.train.config import ConfigError
+
 AXES = ("replica", "data")
 
 
@@ -13,13 +15,13 @@ def make_mesh(*, replica: int = 1, data: int = -1, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if replica < 1:
-    raise ValueError(f"mesh.replica must be >= 1, got {replica}")
+    raise ConfigError(f"mesh.replica must be >= 1, got {replica}")
   if data == -1:
     if n % replica:
-      raise ValueError(f"{n} devices cannot be split into {replica} replicas")
+      raise ConfigError(f"{n} devices cannot be split into {replica} replicas")
     data = n // replica
   if data < 1 or replica * data > n or (replica * data < n and jax.process_count() > 1):
-    raise ValueError(
+    raise ConfigError(
         f"mesh replica={replica} x data={data} = {replica * data} devices, but {n} are available; "
         f"set mesh.data=-1 or choose replica x data = {n}")
   # One process may run on fewer devices than it has (e.g. to compare device counts).
@@ -39,7 +41,7 @@ def check_batch_size(batch_size: int, devices: int, *, what: str = "global batch
   """A batch split over `devices` must divide evenly."""
   if batch_size % devices:
     where = f"the {devices} devices of mesh axis {axis!r}" if axis else f"the {devices} devices of the mesh"
-    raise ValueError(f"{what} {batch_size} is not divisible by {where}; "
+    raise ConfigError(f"{what} {batch_size} is not divisible by {where}; "
                      f"use a multiple of {devices} (e.g. {max(devices, batch_size // devices * devices)})")
 
 

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kd_jax.train.config import ConfigError
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "exponential")
 
@@ -26,7 +28,7 @@ def make_schedule(cfg: Mapping[str, Any], *, base_lr: float, steps_per_epoch: in
     # Multiplies the rate by `factor` after every epoch (Hinton-style decay).
     schedule = optax.exponential_decay(base_lr, steps_per_epoch, cfg.get("factor", 0.998), staircase=True)
   else:
-    raise ValueError(f"unknown schedule {name!r}; known: {SCHEDULES}")
+    raise ConfigError(f"unknown schedule {name!r}; known: {SCHEDULES}")
   if warmup:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, base_lr, warmup), schedule], [warmup])
   return schedule
@@ -46,7 +48,7 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.Gr
         optax.adam(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=weight_decay)
-  raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
+  raise ConfigError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
 
 
 def max_norm(params: Any, limit: float, *, stacked: bool = False) -> Any:
