@@ -47,6 +47,21 @@ def reference_run(tmp_path_factory):
   return workdir, train.run(tiny_config(), workdir)
 
 
+def test_metrics_reach_tensorboard_as_they_reach_metrics_jsonl(reference_run):
+  from kd_jax.train import summaries
+
+  workdir, results = reference_run
+  scalars = summaries.read_scalars(os.path.join(workdir, "student_kd"))
+  train_records, test_records = read_metrics(workdir, "student_kd"), read_metrics(workdir, "student_kd", "test")
+  assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train_records]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss/kd"]], [r["loss/kd"] for r in train_records],
+                             rtol=1e-6)
+  assert [v for _, v in scalars["eval/test_accuracy"]] == pytest.approx([r["test_accuracy"] for r in test_records])
+  assert scalars["eval/test_accuracy"][-1][1] == pytest.approx(results["student_kd"]["test_accuracy"])
+  assert {"train/learning_rate", "train/images_per_s"} <= set(scalars)
+  assert all(v > 0 for _, v in scalars["train/images_per_s"])
+
+
 def test_run_trains_teacher_and_distils_a_student_that_learns(reference_run):
   workdir, results = reference_run
   assert list(results) == ["teacher", "student_kd"]

@@ -39,6 +39,7 @@ from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
 from kd_jax.train import planning as plan_lib
 from kd_jax.train import stages
+from kd_jax.train import summaries as summaries_lib
 from kd_jax.train.evaluation import evaluate, head_name  # noqa: F401  (public: kd_jax.train.evaluate)
 
 log = logging.getLogger(__name__)
@@ -91,20 +92,37 @@ def _write_json(path: str, value: Any) -> None:
 
 
 class _MetricsLog:
-  """Appends JSON lines to metrics.jsonl; on resume, drops lines past the restored step."""
+  """Training and test metrics to metrics.jsonl (JSON lines; on resume, lines past the restored step are
+  dropped) and to TensorBoard (`train/<metric>` with `train/images_per_s`, `eval/<figure>`), process 0 only."""
 
-  def __init__(self, path: str, *, resume_step: int):
-    self.path = path
+  def __init__(self, row_dir: str, *, resume_step: int, images_per_step: int):
+    self.path = os.path.join(row_dir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
-    if self.enabled and os.path.exists(path):
-      with open(path) as f:
+    self.images_per_step = images_per_step
+    self.last: tuple[int, float] | None = None  # (step, time) of the last train record
+    if self.enabled and os.path.exists(self.path):
+      with open(self.path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      _write_text(path, "".join(kept))
+      _write_text(self.path, "".join(kept))
+    self.summaries = summaries_lib.Summaries(row_dir if self.enabled else None)
 
   def write(self, record: Mapping[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    split, step = record["split"], record["step"]
+    scalars = {f"{'train' if split == 'train' else 'eval'}/{k}": v for k, v in record.items()
+               if k not in ("step", "split") and isinstance(v, (int, float))}
+    if split == "train":
+      now = time.time()
+      if self.last is not None and step > self.last[0] and now > self.last[1]:
+        scalars["train/images_per_s"] = (step - self.last[0]) * self.images_per_step / (now - self.last[1])
+      self.last = (step, now)
+    self.summaries.scalars(step, scalars)
+
+  def close(self) -> None:
+    self.summaries.close()
 
 
 def _write_text(path: str, text: str) -> None:
@@ -242,7 +260,8 @@ def fit(row: _Row, state: engine.TrainState) -> engine.TrainState:
   if start:
     log.info("row %s: resuming at step %d of %d", plan.name, start, plan.stop_step)
   train_step = engine.make_train_step(row.spec, row.mesh, row.state_sharding)
-  metrics_log = _MetricsLog(os.path.join(row.row_dir, "metrics.jsonl"), resume_step=start)
+  metrics_log = _MetricsLog(row.row_dir, resume_step=start,
+                            images_per_step=row.spec.streams * plan.data.batch_size)
   started = last_save = time.time()
   pending: list = []  # (step, device metrics): read one interval later, so the host never waits on the step
   every = options.log_every_steps
@@ -259,7 +278,8 @@ def fit(row: _Row, state: engine.TrainState) -> engine.TrainState:
       bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
     pending.clear()
 
-  with _stop_signals() as stop, bar, contextlib.closing(_batches(row, start)) as batches:
+  with _stop_signals() as stop, bar, contextlib.closing(metrics_log), \
+      contextlib.closing(_batches(row, start)) as batches:
     for step, batch in zip(range(start, plan.stop_step), batches):
       state, metrics = train_step(state, row.constants, batch)
       done = step + 1
@@ -301,8 +321,10 @@ def _finish(row: _Row, state: engine.TrainState) -> dict[str, Any]:
     row.save(state, plan.stop_step, time.time())
   row.checkpointer.close()
   history = row.history
-  final = history[-1] if history and history[-1]["step"] == plan.stop_step else row.evaluate(state)
-  final = dict(final)
+  if not history or history[-1]["step"] != plan.stop_step:  # a run that stops mid-epoch (max_steps)
+    history.append({"epoch": round(plan.stop_step / plan.steps_per_epoch, 4), "step": plan.stop_step,
+                    **row.evaluate(state)})
+  final = dict(history[-1])
   model = engine.unstack(stages._fetch(row.variables(state), row.mesh))
   # Memory banks (per-example rows) are this run's, not a connector: they stay out of final/.
   keep = {k: v for k, v in state.method_state.items() if not row.spec.objective.terms[k].shard_state_rows}
