@@ -24,7 +24,7 @@ def test_method_table_names_every_term_and_existing_tests():
   table = _method_table()
   usage = " ".join(row[2] for row in table)
   # kd_jax's own terms (other tests register throwaway ones in the same process).
-  ours = [name for name in distill.term_names() if distill._TERMS[name].__module__.startswith("kd_jax.")]
+  ours = [name for name in distill.term_names() if distill.core._TERMS[name].__module__.startswith("kd_jax.")]
   assert len(ours) > 30
   missing = [name for name in ours if f"`{name}`" not in usage]
   assert not missing, f"loss terms missing from README's method table: {missing}"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Union
 import numpy as np
 
 from kd_jax.data.prefetch import prefetch
+from kd_jax.errors import ConfigError, same_definition
 
 if TYPE_CHECKING:
   from kd_jax.data.imagenet import ImageNetSource
@@ -175,7 +176,6 @@ def register(name: str, loader: Callable[[str | None], Dataset]) -> None:
   result. Registering the same loader again (a re-imported config) replaces it; another
   loader under a registered name is an error.
   """
-  from kd_jax.models import same_definition  # one rule for both registries
 
   old = _SOURCES.get(name)
   if old is not None and not same_definition(old, loader):
@@ -220,7 +220,6 @@ from kd_jax.data.arrays import ArrayDataset, from_arrays  # noqa: E402  (it subc
 def load(name: str, *, directory: str | None = None) -> Dataset:
   """Loads dataset `name`; `directory` (or $KD_JAX_DATA_DIR) selects local files."""
   if name not in _SOURCES:
-    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
 
     close = difflib.get_close_matches(name, list(_SOURCES), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -231,7 +230,6 @@ def load(name: str, *, directory: str | None = None) -> Dataset:
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Full batches per epoch (the remainder of each epoch's permutation is dropped)."""
   if batch_size > num_examples:
-    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
 
     raise ConfigError(f"batch size {batch_size} is larger than the {num_examples} training examples")
   return num_examples // batch_size
@@ -266,7 +264,6 @@ def labelled_subset(num_examples: int, count: int, *, seed: int) -> np.ndarray:
   agrees on the same subset.
   """
   if not 0 < count <= num_examples:
-    from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
 
     raise ConfigError(f"labelled_examples must lie in [1, {num_examples}] (the training-set size), got {count}")
   order = np.random.default_rng([seed, 0x1abe1]).permutation(num_examples)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigError
+
 KINDS = ("none", "jitter", "crop_flip")
 
 
@@ -43,6 +45,5 @@ def augment(rng: jax.Array, images: jax.Array, *, kind: str, max_shift: int = 2)
     images = _translate(crop_rng, images, 4)
     flip = jax.random.bernoulli(flip_rng, 0.5, (images.shape[0], 1, 1, 1))
     return jnp.where(flip, images[:, :, ::-1, :], images)
-  from kd_jax.train.config import ConfigError  # local: kd_jax.train imports data
 
   raise ConfigError(f"unknown augmentation {kind!r}; known: {KINDS}")

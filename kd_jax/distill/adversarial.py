@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from kd_jax import losses
-from kd_jax.distill import Term, feature, register_term
+from kd_jax.distill.core import Term, feature, register_term
 from kd_jax.losses.adversarial import GAN_KINDS
 
 POOLS = ("none", "mean")

@@ -8,7 +8,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distill import Term, feature, register_term
+from kd_jax.distill.core import Term, feature, register_term
 from kd_jax.losses.attention import ATTENTION_LOSSES, HEADS
 
 KINDS = ("encoder", "decoder_self", "decoder_cross")

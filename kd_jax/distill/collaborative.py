@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distill import Term, feature, register_term
+from kd_jax.distill.core import Term, feature, register_term
 from kd_jax.distill.online import GroupOption, group_logits
 from kd_jax.losses.collaborative import ENSEMBLES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 
 from kd_jax import losses
-from kd_jax.distill import Term, feature, register_term
+from kd_jax.distill.core import Term, feature, register_term
 from kd_jax.distill.features import init_connector
 from kd_jax.models import connectors
 

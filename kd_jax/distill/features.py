@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distill import Term, feature, register_term
+from kd_jax.distill.core import Term, feature, register_term
 from kd_jax.models import connectors
 
 

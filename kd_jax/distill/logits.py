@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distill import Term, register_term
+from kd_jax.distill.core import Term, register_term
 from kd_jax.distill.temperature import Temperature
 
 

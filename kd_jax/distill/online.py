@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distill import Term, register_term
+from kd_jax.distill.core import Term, register_term
 
 
 def group_logits(outputs, prefix: str, *, who: str = "student", at_least: int = 2) -> jax.Array:

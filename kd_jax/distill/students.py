@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kd_jax import losses
-from kd_jax.distill import Term, feature, register_term
+from kd_jax.distill.core import Term, feature, register_term
 from kd_jax.distill.logits import teacher_logits
 
 

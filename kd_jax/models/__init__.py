@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 from flax.nnx import bridge
 
+from kd_jax.errors import ConfigError, same_definition
+
 __all__ = ["register", "create", "names", "input_shape", "select_features", "ModelSpec", "same_definition",
            "WithFeatures", "capture", "module_paths", "feature_shapes", "from_nnx", "FromNNX", "import_teacher"]
 
@@ -41,30 +43,6 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
-
-
-def _definition(fn: Any) -> Any:
-  """What identifies a constructor across re-imports: its code's place (file, line, qualified name)."""
-  if isinstance(fn, functools.partial):
-    return (_definition(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
-  code = getattr(fn, "__code__", None)
-  if code is None:
-    return fn
-  # Plain values a closure captured (register_tfds's options) tell apart two uses of one definition.
-  cells = tuple(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))
-  plain = all(isinstance(c, (str, int, float, bool, tuple, type(None))) for c in cells)
-  return (code.co_filename, code.co_firstlineno, getattr(fn, "__qualname__", None), cells if plain else None)
-
-
-def same_definition(a: Any, b: Any) -> bool:
-  """Whether `a` and `b` are one constructor: the same object, or the same definition run again
-  (a config file imported twice defines new function objects from the same source lines)."""
-  if a is b:
-    return True
-  try:
-    return _definition(a) == _definition(b)
-  except (TypeError, ValueError):  # arguments that do not compare (arrays)
-    return False
 
 
 def register(name: str, *, input_shape: Sequence[int] | None):
@@ -93,7 +71,6 @@ def _describe(fn: Any) -> str:
 
 
 def _unknown(name: str) -> ValueError:
-  from kd_jax.train.config import ConfigError  # local: kd_jax.train imports the models
 
   close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
   hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""

@@ -19,11 +19,9 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from kd_jax.errors import ConfigError  # noqa: F401  (defined at the bottom of the house, raised everywhere)
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-  """A mistake in a config or its overrides: the message names the key, the bad value and what is allowed."""
 
 # Settings that cannot change a row's results: everything else of the run and of the row enters the
 # resume fingerprint (a new config key does too, unless it is added here).
