@@ -62,6 +62,24 @@ def test_metrics_reach_tensorboard_as_they_reach_metrics_jsonl(reference_run):
   assert all(v > 0 for _, v in scalars["train/images_per_s"])
 
 
+def test_a_teacher_row_can_stand_for_a_trained_model_and_is_then_not_trained(reference_run, tmp_path):
+  workdir, results = reference_run
+  config = tiny_config()
+  config.rows.teacher.checkpoint = os.path.join(workdir, "teacher")  # a row directory of another run
+  published = train.run(config, str(tmp_path))
+  assert published["teacher"]["published"] == os.path.join(workdir, "teacher", "final")
+  assert published["teacher"]["test_errors"] == results["teacher"]["test_errors"]  # evaluated, as trained
+  np.testing.assert_allclose(published["teacher"]["test_loss"], results["teacher"]["test_loss"], rtol=1e-6)
+  assert not os.path.exists(tmp_path / "teacher" / "checkpoints")  # never trained
+  for key in ("test_accuracy", "test_loss", "history"):  # the student learns from the same teacher
+    assert published["student_kd"][key] == results["student_kd"][key]
+  jax.tree.map(np.testing.assert_array_equal, final_variables(str(tmp_path), "student_kd"),
+               final_variables(workdir, "student_kd"))
+  config.rows.teacher.checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(train.ConfigError, match=r"rows.teacher.checkpoint=.*nowhere' holds no trained model"):
+    train.run(config, str(tmp_path / "other"))
+
+
 def test_run_trains_teacher_and_distils_a_student_that_learns(reference_run):
   workdir, results = reference_run
   assert list(results) == ["teacher", "student_kd"]

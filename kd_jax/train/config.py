@@ -92,6 +92,8 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
     unlabelled="drop" the row trains on those N examples only, with "keep" on all
     examples, each batch carrying a float mask "labelled" [B] that the "ce" term
     applies (semi-supervised rows: Noisy Student's CE on labelled, pseudo-labels on all).
+  checkpoint (set by override, not an argument): a trained model directory this row stands for; the row
+    is then evaluated, never trained, and later rows that name it use that model.
   ensemble_with: rows whose models are ensembled with this one at the end
     (born-again networks' ensemble of generations).
   cache_teacher: compute the teacher's logits on the train set once and read
@@ -121,6 +123,9 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = ""
       "labelled_examples": int(labelled_examples), "unlabelled": unlabelled,
       "teacher_input": teacher_input,
       "paper": str(paper),  # text, so a table can mix numbers and notes
+      # A trained model (a kd_jax row directory, its final/, or a converted teacher) this row stands for:
+      # restored and evaluated, never trained (--config.rows.<row>.checkpoint=<dir>).
+      "checkpoint": "",
   })
 
 

@@ -360,11 +360,28 @@ def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: 
     config_lib.check_resume(done.get("fingerprint", {}), plan.fingerprint, allow=plan.options.allow_config_change,
                             row=plan.name, made=f"the finished {result_path} was made")
     return done
-  row, state = _start(plan, dataset, mesh, row_dir)
-  state = fit(row, state)
-  result = _finish(row, state)
+  if plan.published:
+    result = _evaluate_published(plan, dataset, mesh)
+  else:
+    row, state = _start(plan, dataset, mesh, row_dir)
+    state = fit(row, state)
+    result = _finish(row, state)
   _write_json(result_path, result)
   return result
+
+
+def _evaluate_published(plan: plan_lib.RowPlan, dataset, mesh) -> dict[str, Any]:
+  """The result of a row that stands for a trained model (`checkpoint`): its test figures, not trained."""
+  module, variables = stages.load_teacher(plan.published, dataset, row_name=plan.name)
+  eval_step = engine.make_eval_step(module, plan.normalize, mesh, compute_dtype=plan.compute_dtype)
+  stacked = jax.tree.map(lambda x: np.asarray(x)[None], variables)
+  result = evaluate(eval_step, stacked, dataset, plan.data.eval_batch_size, mesh)
+  log.info("row %s: the trained model in %s, evaluated (not trained): %s", plan.name, plan.published, result)
+  with open(os.path.join(plan.published, "model.json")) as f:
+    model = json.load(f)["model"]
+  return {**result, "published": plan.published, "history": [], "steps": 0, "epochs": 0, "model": model,
+          "num_params": int(sum(np.size(x) for x in jax.tree.leaves(variables["params"]))),
+          "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "fingerprint": plan.fingerprint}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -63,9 +64,11 @@ class Options:
 class RowPlan:
   """One row, ready to train. `teacher`, `init_from`, `ensemble_with`: model directories (rows of the
   table resolve to `<workdir>/<row>/final`); `source`: what the student learns from besides labels
-  (unloaded); `generator_pattern`: weight distillation's layer pattern ("" for none)."""
+  (unloaded); `generator_pattern`: weight distillation's layer pattern ("" for none); `published`: the
+  trained model this row stands for (evaluated, not trained), or ""."""
 
   name: str
+  published: str
   description: dict[str, Any]
   student: nn.Module
   objective: Objective
@@ -200,11 +203,25 @@ def _check_data(config, row, name: str, dataset, mesh_shape) -> None:
                       f"{dataset.name!r} has {dataset.input_shape}")
 
 
+def published_dir(directory: str, *, key: str) -> str:
+  """The model directory (holding model.json) of `directory`: itself, or a kd_jax row directory's final/."""
+  for candidate in (directory, f"{directory.rstrip('/')}/final"):
+    if os.path.isfile(os.path.join(candidate, "model.json")):
+      return candidate
+  raise ConfigError(f"{key}={directory!r} holds no trained model: neither it nor its final/ has a model.json "
+                    "(a kd_jax row directory, its final/, or a teacher imported with kd_jax.models.import_teacher)")
+
+
 def _model_dir(config, workdir: str, ref: str) -> str:
-  """A row of the table -> its trained model `<workdir>/<row>/final`; else a directory as given."""
+  """A row of the table -> its trained model (`<workdir>/<row>/final`, or the model its `checkpoint` names);
+  else a directory as given."""
   if not ref:
     return ""
-  return f"{workdir.rstrip('/')}/{ref}/final" if ref in config.rows else ref
+  if ref not in config.rows:
+    return ref
+  if config.rows[ref].get("checkpoint", ""):
+    return published_dir(config.rows[ref].checkpoint, key=f"rows.{ref}.checkpoint")
+  return f"{workdir.rstrip('/')}/{ref}/final"
 
 
 def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
@@ -239,8 +256,9 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.optimizer: {e}") from None
   frozen = _frozen(row, name, objective, student, dataset)
+  published = published_dir(row.checkpoint, key=f"rows.{name}.checkpoint") if row.get("checkpoint", "") else ""
   return RowPlan(
-      name=name,
+      name=name, published=published,
       description={"model": row.model, "model_kwargs": model_kwargs(row), "num_classes": dataset.num_classes,
                    "input_shape": list(dataset.input_shape), "dataset": dataset.name},
       student=student, objective=objective, source=source, teacher=teacher, generator_pattern=generator,
