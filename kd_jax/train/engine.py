@@ -93,6 +93,8 @@ class StepSpec:
   # "bfloat16": student, teacher and peers compute in bf16 (accelerators) from float32 master
   # params; BatchNorm statistics, outputs, losses and updates stay float32 (see `apply_model`).
   compute_dtype: str = "float32"
+  # The CPU convolution rewrites applied to every model forward (`apply_model`); None: none.
+  rewrites: backend.ConvRewrites | None = None
 
   def __post_init__(self):
     if self.compute_dtype not in COMPUTE_DTYPES:
@@ -138,8 +140,15 @@ def _cast_floats(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32", **kwargs):
-  """`model.apply(variables, x, **kwargs)` with params and float inputs in `compute_dtype`.
+def _rewritten(fn: Callable, rewrites: backend.ConvRewrites | None) -> Callable:
+  """`fn` with its convolutions rewritten (`backend.rewrite`) when `rewrites` enables any, else `fn`."""
+  return backend.rewrite(fn, rewrites) if rewrites is not None and rewrites.enabled else fn
+
+
+def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32",
+                rewrites: backend.ConvRewrites | None = None, **kwargs):
+  """`model.apply(variables, x, **kwargs)` with params and float inputs in `compute_dtype`, its
+  convolutions rewritten as `rewrites` says (`backend.rewrite`).
 
   The modules infer their dtype from inputs and params, so casting both runs every
   Dense/Conv in the compute dtype. BatchNorm statistics stay float32 (flax computes
@@ -148,10 +157,11 @@ def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32
   Gradients reach the float32 params through the cast.
   """
   dtype = COMPUTE_DTYPES[compute_dtype]
+  apply = _rewritten(model.apply, rewrites)
   if dtype == jnp.float32:
-    return model.apply(variables, x, **kwargs)
+    return apply(variables, x, **kwargs)
   variables = {**variables, "params": _cast_floats(variables["params"], dtype)}
-  out = model.apply(variables, _cast_floats(x, dtype), **kwargs)
+  out = apply(variables, _cast_floats(x, dtype), **kwargs)
   if kwargs.get("mutable"):
     (outputs, updates) = out
     return _cast_floats(outputs, jnp.float32), updates
@@ -178,7 +188,7 @@ def teacher_outputs(spec: StepSpec, teacher_variables, images, indices=None) -> 
   if spec.teacher is None:
     return None
   logits, features = apply_model(spec.teacher, teacher_variables, images, train=False, return_features=True,
-                                 compute_dtype=spec.compute_dtype)
+                                 compute_dtype=spec.compute_dtype, rewrites=spec.rewrites)
   return jax.lax.stop_gradient(Outputs(logits, features))
 
 
@@ -232,7 +242,8 @@ def init_state(spec: StepSpec, rng: jax.Array, teacher_variables, example_images
   def init_peer(peer_rng):
     init_rng, term_rng, dropout_rng = jax.random.split(peer_rng, 3)
     variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
-    logits, features = spec.student.apply(variables, images, train=False, return_features=True)
+    logits, features = apply_model(spec.student, variables, images, train=False, return_features=True,
+                                   rewrites=spec.rewrites)
     source = teacher if teacher is not None else _peer_stub(spec, logits, features)
     term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
     return variables["params"], variables.get("batch_stats", {}), term_params, method_state
@@ -280,7 +291,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
   if spec.exchange == "stale":
     def peer_predictions(params, batch_stats, peer_images):
       return apply_model(spec.student, _variables(params, batch_stats), peer_images, train=False,
-                         compute_dtype=spec.compute_dtype)
+                         compute_dtype=spec.compute_dtype, rewrites=spec.rewrites)
 
     # Peer k reads the copy of peer (k - shift) for each shift: its own stale peers, on its own batch.
     stale = [over_peers(spec, peer_predictions, (0, 0, 0))(
@@ -293,7 +304,7 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
     (logits, features), updates = apply_model(
         spec.student, _variables(student_params(spec, params, teacher_variables), batch_stats), peer_images,
         train=True, return_features=True, mutable=["batch_stats"], rngs={"dropout": peer_rng},
-        compute_dtype=spec.compute_dtype)
+        compute_dtype=spec.compute_dtype, rewrites=spec.rewrites)
     return logits, features, updates.get("batch_stats", {})
 
   def loss_fn(params):
@@ -313,6 +324,8 @@ def train_step(spec: StepSpec, state: TrainState, teacher_variables, batch) -> t
       return spec.objective(term_params, method_state, Outputs(logits, features), source,
                             {**peer_batch, "rng": peer_rng}, step=state.step)
 
+    # The terms' connectors (regressors, paraphrasers) are convolutions too.
+    objective = _rewritten(objective, spec.rewrites)
     loss, metrics, method_state = over_peers(spec, objective, (0, 0, 0, 0, stream_axis, source_axis, 0))(
         params["terms"], state.method_state, logits, features, jax.tree.map(pick, batch), sources,
         _peer_rngs(jax.random.fold_in(dropout_rng, 1), k))
@@ -397,7 +410,8 @@ def eval_heads(model: nn.Module) -> tuple[str, ...]:
 
 
 def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True,
-                   compute_dtype: str = "float32", heads: tuple[str, ...] | None = None):
+                   compute_dtype: str = "float32", heads: tuple[str, ...] | None = None,
+                   rewrites: backend.ConvRewrites | None = None):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
   peers' ensemble (mean of probabilities) "ensemble_correct", and "count". With per-position
   labels [B, T] (sequences) every position counts as one prediction (per-token sums).
@@ -407,9 +421,9 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
 
   def forward(v, images):
     if not heads:
-      return apply_model(model, v, images, train=False, compute_dtype=compute_dtype), {}
+      return apply_model(model, v, images, train=False, compute_dtype=compute_dtype, rewrites=rewrites), {}
     logits, features = apply_model(model, v, images, train=False, return_features=True,
-                                   compute_dtype=compute_dtype)
+                                   compute_dtype=compute_dtype, rewrites=rewrites)
     missing = [name for name in heads if name not in features]
     if missing:
       raise KeyError(f"eval heads {missing} are not features of the model; available features: {sorted(features)}")
@@ -438,9 +452,9 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
                  out_shardings=mesh_lib.replicated(mesh))
 
 
-def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh):
+def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh, *, rewrites: backend.ConvRewrites | None = None):
   """`logits(teacher_variables, batch) -> [B, classes]` in inference mode, for the teacher cache."""
-  return backend.jit(lambda variables, batch: teacher.apply(
-      variables, normalize(model_inputs(batch["image"])), train=False).astype(jnp.float32),
+  return backend.jit(lambda variables, batch: apply_model(
+      teacher, variables, normalize(model_inputs(batch["image"])), train=False, rewrites=rewrites).astype(jnp.float32),
                  in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

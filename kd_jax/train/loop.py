@@ -317,7 +317,8 @@ def _ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, ba
   """Test accuracy of the mean of the probabilities of this row's model and the models in `dirs`."""
   members = [variables] + [checkpoint_lib.load_model(d)[0] for d in dirs]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *members)
-  totals = evaluate(engine.make_eval_step(model, normalize, mesh, heads=()), stacked, dataset, batch_size, mesh)
+  eval_step = engine.make_eval_step(model, normalize, mesh, heads=(), rewrites=backend.ConvRewrites.default())
+  totals = evaluate(eval_step, stacked, dataset, batch_size, mesh)
   return totals["ensemble_test_accuracy"]
 
 
@@ -325,7 +326,7 @@ def _teacher_cache(teacher, teacher_variables, dataset, normalize, mesh, batch_s
   """The teacher's logits on every training example, [N, classes], computed once."""
   if not hasattr(dataset, "train_images"):
     raise ValueError(f"cache_teacher needs an in-memory dataset; {dataset.name!r} is streamed")
-  logits_fn = engine.make_teacher_logits(teacher, normalize, mesh)
+  logits_fn = engine.make_teacher_logits(teacher, normalize, mesh, rewrites=backend.ConvRewrites.default())
   chunks = [logits_fn(teacher_variables, mesh_lib.put_batch(batch, mesh_lib.batch_sharding(mesh)))
             for batch in _padded_split(dataset.train_images, dataset.train_labels, batch_size)]
   return jnp.concatenate(chunks)[:dataset.num_train]
@@ -397,7 +398,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
       schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
       teacher_input=row.teacher_input, peers=row.peers, exchange=row.exchange.mode, exchange_every=row.exchange.every_steps,
       teacher_cache=row.cache_teacher, generator=generator, sequential_peers=mesh.shape["replica"] == 1,
-      compute_dtype=config.compute_dtype)
+      compute_dtype=config.compute_dtype, rewrites=backend.ConvRewrites.default())
 
   replicated = mesh_lib.replicated(mesh)
   teacher_variables = jax.device_put(teacher_variables, replicated)
@@ -464,7 +465,7 @@ def train_row(name: str, config: ml_collections.ConfigDict, dataset: data_lib.Da
 
   train_step = engine.make_train_step(spec, mesh, state_sharding)
   eval_step = engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers,
-                                    compute_dtype=spec.compute_dtype)
+                                    compute_dtype=spec.compute_dtype, rewrites=spec.rewrites)
   metrics_log = _MetricsLog(os.path.join(row_dir, "metrics.jsonl"), resume_step=start_step)
   batch_sharding = engine.batch_sharding(mesh, spec)
 
