@@ -97,6 +97,32 @@ class Settings:
   # A case with a baseline also times the baseline's step in its own worker, the two alternating (see
   # `paired_loops`): the ratio in "vs baseline" then does not move with the machine between two rows.
   paired: bool = True
+  # kd_jax's convolution rewrites in the step cases (`engine.StepSpec.rewrites`): "default" (on for CPU), "none",
+  # or the ones on, comma-separated (see `conv_rewrites`); the loop cases run the loop's default.
+  conv_rewrites: str = "default"
+
+
+# The fields of `kd_jax.train.backend.ConvRewrites` (checked when one is built), for --conv-rewrites.
+CONV_REWRITES = ("hold_inputs", "hold_outputs", "phased_input_gradients")
+
+
+def conv_rewrites(text: str):
+  """The `backend.ConvRewrites` of a --conv-rewrites value: "default", "none" or the names of the rewrites on."""
+  from kd_jax.train import backend
+  if tuple(f.name for f in dataclasses.fields(backend.ConvRewrites)) != CONV_REWRITES:
+    raise RuntimeError(f"benchmark.CONV_REWRITES {CONV_REWRITES} is not backend.ConvRewrites' fields")
+  if text == "default":
+    return backend.ConvRewrites.default()
+  return backend.ConvRewrites(**{name: name in _conv_rewrite_names(text) for name in CONV_REWRITES})
+
+
+def _conv_rewrite_names(text: str) -> list[str]:
+  names = [] if text == "none" else [n.strip() for n in text.split(",") if n.strip()]
+  unknown = [n for n in names if n not in CONV_REWRITES]
+  if unknown:
+    raise ValueError(f"--conv-rewrites: unknown rewrite(s) {unknown}; allowed: 'default', 'none' or a comma list "
+                     f"of {', '.join(CONV_REWRITES)}")
+  return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +220,7 @@ def jax_setup(*, student: str, num_classes: int, terms: dict[str, Any], optimize
   from kd_jax import models
   from kd_jax.data import augment
   from kd_jax.distill import Objective
-  from kd_jax.train import engine, optim, sources
+  from kd_jax.train import backend, engine, optim, sources
 
   schedule = optim.make_schedule({"name": "constant"}, base_lr=optimizer["learning_rate"], steps_per_epoch=1,
                                  total_steps=1)
@@ -212,7 +238,7 @@ def jax_setup(*, student: str, num_classes: int, terms: dict[str, Any], optimize
       student=student_module, objective=Objective(terms, num_train=num_train),
       optimizer=optim.make_optimizer(optimizer, schedule),
       schedule=schedule, normalize=lambda x: augment.normalize(x, **normalize), source=source,
-      augment="none", peers=peers)
+      augment="none", peers=peers, rewrites=backend.ConvRewrites.default())
   return JaxSetup(spec, batch, input_shape, teacher_variables, check_state)
 
 
@@ -257,7 +283,9 @@ class _JaxRunner:
     from kd_jax.train import backend, engine
     from kd_jax.train import mesh as mesh_lib
 
-    spec = dataclasses.replace(setup.spec, compute_dtype=settings.dtype)
+    spec = dataclasses.replace(setup.spec, compute_dtype=settings.dtype,
+                               rewrites=conv_rewrites(settings.conv_rewrites))
+    self.rewrites = spec.rewrites
     mesh = mesh_lib.make_mesh()
     self.teacher_variables = jax.device_put(setup.teacher_variables, mesh_lib.replicated(mesh))
     example = jnp.zeros((mesh.devices.size,) + setup.input_shape, jnp.uint8)
@@ -360,7 +388,8 @@ def run_jax(case: Case, settings: Settings) -> dict[str, Any]:
       "compile_method": f"jax.monitoring duration events {BACKEND_COMPILE_EVENT!r}",
       "first_step_s": round(first_step_s, 3), "first_loss": round(first_loss, 5),
       "nonfinite_step": nonfinite, "trained_params": trained, "note": note, "paired": paired,
-      "compiler_options": backend.compiler_options(), "versions": {"jax": jax.__version__},
+      "compiler_options": backend.compiler_options(), "conv_rewrites": dataclasses.asdict(runner.rewrites),
+      "versions": {"jax": jax.__version__},
   }
 
 
@@ -1043,7 +1072,8 @@ def _spawn(side: str, name: str, settings: Settings, timeout: float) -> dict[str
     out = os.path.join(tmp, "result.json")
     cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", side, "--cases", name,
            "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
-           "--seed", str(settings.seed), "--dtype", settings.dtype, "--result", out,
+           "--seed", str(settings.seed), "--dtype", settings.dtype, "--conv-rewrites", settings.conv_rewrites,
+           "--result", out,
            "--paired" if settings.paired else "--no-paired"] + (["--tiny"] if settings.tiny else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
@@ -1229,6 +1259,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="bfloat16: mixed precision on both sides (kd_jax compute_dtype, torch.autocast)")
+  p.add_argument("--conv-rewrites", default=Settings.conv_rewrites,
+                 help="kd_jax's convolution rewrites in the step cases: 'default' (all on for CPU, off elsewhere), "
+                      "'none', or a comma list of " + ", ".join(CONV_REWRITES) + " (an A/B of them)")
   p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=Settings.paired,
                  help="time a case with a baseline (the online cases) against its baseline in the same worker, "
                       "alternating loops (--no-paired: compare with the baseline's row only)")
@@ -1245,6 +1278,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.error("--steps, --warmup and --repeats must be >= 1 (the first warm-up step compiles)")
   if args.peak_tflops is not None and args.peak_tflops <= 0:
     p.error(f"--peak-tflops must be > 0 (the chip's peak TFLOP/s), got {args.peak_tflops}")
+  if args.conv_rewrites != "default":
+    try:
+      _conv_rewrite_names(args.conv_rewrites)
+    except ValueError as e:
+      p.error(str(e))
   return args
 
 
@@ -1264,7 +1302,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if unknown:
     raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
   settings = Settings(steps=args.steps, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny, seed=args.seed,
-                      dtype=args.dtype, paired=args.paired)
+                      dtype=args.dtype, paired=args.paired, conv_rewrites=args.conv_rewrites)
   if args.worker:
     result = _worker(args.worker, names[0], settings)
     with open(args.result, "w") as f:

@@ -1,4 +1,6 @@
-"""XLA:CPU settings of the engine: convolutions to Eigen, everything else as XLA's default; convolutions held."""
+"""XLA:CPU settings of the engine (convolutions to Eigen, everything else as XLA's default) and the explicit
+convolution rewrites (`backend.ConvRewrites`, `backend.rewrite`): held inputs / outputs, phased input gradients."""
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from kd_jax import models
 from kd_jax.data import augment
@@ -61,23 +64,56 @@ def test_only_convolutions_leave_xla_defaults():
   assert _ynn_convolutions(default) > 0  # else this jaxlib no longer sends convolutions to YNNPACK
   assert _ynn_convolutions(ours) == 0 and "convolution(" in ours
   # Same weight gradient up to float32 summation order.
-  ours_dw, default_dw = (np.asarray(jax.jit(conv_grads, compiler_options=o)(x, w)[1]) for o in (backend.CPU_OPTIONS, None))
+  ours_dw, default_dw = (np.asarray(jax.jit(conv_grads, compiler_options=o)(x, w)[1])
+                         for o in (backend.CPU_OPTIONS, None))
   np.testing.assert_allclose(ours_dw, default_dw, rtol=1e-4, atol=1e-5 * np.abs(default_dw).max())
 
 
-def test_the_engine_step_compiles_with_the_options():
-  schedule = optax.constant_schedule(0.1)
-  spec = engine.StepSpec(
-      student=models.create("resnet8", num_classes=10), objective=Objective({"ce": {}}),
-      optimizer=optax.sgd(schedule), schedule=schedule, normalize=lambda x: augment.normalize(x, scale=1 / 255, mean=(0.5,), std=(0.25,)))
+# A user's linen CNN: strided, padded, grouped and biased convolutions.
+class _UserCnn(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+    x = nn.Conv(8, (3, 3), feature_group_count=2, use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    x = nn.Conv(16, (3, 3), strides=2, padding="VALID")(x)
+    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+ALL_OFF = backend.ConvRewrites(hold_inputs=False, hold_outputs=False, phased_input_gradients=False)
+HOLDS_ONLY = backend.ConvRewrites(phased_input_gradients=False)
+NO_YNNPACK = {backend.YNN_FUSION_TYPES: ""}  # XLA's own kernels for everything: the same arithmetic either way
+
+
+def _step(spec: engine.StepSpec):
   mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
   example = jnp.zeros((2, 8, 8, 3), jnp.uint8)
   abstract = jax.eval_shape(lambda: engine.init_state(spec, jax.random.PRNGKey(0), {}, example))
   shardings = engine.state_shardings(mesh, abstract, spec)
   batch = {"image": jnp.zeros((1, 2, 8, 8, 3), jnp.uint8), "label": jnp.zeros((1, 2), jnp.int32),
            "index": jnp.zeros((1, 2), jnp.int32)}
-  hlo = engine.make_train_step(spec, mesh, shardings).lower(abstract, {}, batch).compile().as_text()
+  return engine.make_train_step(spec, mesh, shardings).lower(abstract, {}, batch).compile().as_text()
+
+
+def test_the_engine_step_compiles_with_the_options_and_the_specs_rewrites():
+  schedule = optax.constant_schedule(0.1)
+  spec = engine.StepSpec(
+      student=models.create("resnet8", num_classes=10), objective=Objective({"ce": {}}),
+      optimizer=optax.sgd(schedule), schedule=schedule,
+      normalize=lambda x: augment.normalize(x, scale=1 / 255, mean=(0.5,), std=(0.25,)),
+      rewrites=backend.ConvRewrites.default())
+  hlo = _step(spec)
   assert "convolution(" in hlo and _ynn_convolutions(hlo) == 0
+  assert " conditional(" in hlo and "lhs_dilate=" not in hlo  # held inputs, phased input gradients
+  plain = _step(dataclasses.replace(spec, rewrites=None))
+  assert " conditional(" not in plain and "lhs_dilate=" in plain
+
+
+def test_the_default_rewrites_are_on_for_cpu_only():
+  assert backend.ConvRewrites.default() == backend.ConvRewrites.default("cpu") == backend.ConvRewrites()
+  assert backend.ConvRewrites().enabled and HOLDS_ONLY.enabled and not ALL_OFF.enabled
+  assert backend.ConvRewrites.default("gpu") == backend.ConvRewrites.default("tpu") == ALL_OFF
+  assert backend.rewrite(nn.relu, None) is nn.relu
 
 
 def test_hold_is_the_identity_with_the_identity_derivative():
@@ -111,26 +147,29 @@ def _fused_transposes(hlo: str) -> list[str]:
   return [body for body in re.findall(r"^%[\w.\-]+ .*?\n(.*?)^}", hlo, re.M | re.S) if "transpose(" in body]
 
 
-def test_held_convolution_inputs_keep_their_producers_out_of_the_transposes(monkeypatch):
-  """On CPU `backend.jit` holds differentiated conv inputs: no layout transpose recomputes the ReLU that made
-  one (XLA's default, 5-10x slower than reading the stored activation), and the same gradients."""
+def test_held_convolution_inputs_keep_their_producers_out_of_the_transposes():
+  """Held differentiated conv inputs: no layout transpose recomputes the ReLU that made one (XLA's default,
+  several times slower than reading the stored activation), and the same gradients."""
   net, x = _ConvBnRelu(), jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 16))
   variables = net.init(jax.random.PRNGKey(1), x)
-  loss = lambda p: net.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])[0]
+
+  def loss(rewrites):
+    apply = backend.rewrite(net.apply, rewrites)
+    return lambda p: apply({"params": p, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])[0]
+
   grads, hlos = {}, {}
   for held in (False, True):
-    monkeypatch.setattr(backend, "HOLD_CONV_INPUTS", held)
-    step = backend.jit(jax.grad(loss))
+    step = backend.jit(jax.grad(loss(backend.ConvRewrites(hold_inputs=held))))
     hlos[held] = step.lower(variables["params"]).compile().as_text()
     grads[held] = step(variables["params"])
   assert any("maximum(" in body for body in _fused_transposes(hlos[False])), (
       "XLA no longer fuses the ReLU into the weight gradient's transpose: is holding still needed?")
   assert not any("maximum(" in body for body in _fused_transposes(hlos[True]))
   assert hlos[True].count(" conditional(") == 2  # the second conv's input and its cotangent (outputs: not held)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
-               grads[True], grads[False])
+  jax.tree.map(np.testing.assert_array_equal, grads[True], grads[False])
   # Not differentiated, the inputs are left alone (the conditionals are the 2 held outputs: next test).
-  assert backend.jit(loss).lower(variables["params"]).compile().as_text().count(" conditional(") == 2
+  forward = backend.jit(loss(backend.ConvRewrites()))
+  assert forward.lower(variables["params"]).compile().as_text().count(" conditional(") == 2
 
 
 class _ConvPoolDense(nn.Module):
@@ -141,16 +180,15 @@ class _ConvPoolDense(nn.Module):
     return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
-def test_an_inference_forward_keeps_its_convolutions_off_ynnpack(monkeypatch):
+def test_an_inference_forward_keeps_its_convolutions_off_ynnpack():
   """Unheld, XLA:CPU grows the YNNPACK fusion of the pooling and the classifier back over the convolution
-  before them (YNNPACK's convolutions: 1.6x the time of a resnet8x4 inference forward); `backend.jit` holds
-  the conv outputs of an inference forward, the same logits."""
+  before them (YNNPACK's convolutions are slower here, BENCHMARKS.md); held conv outputs keep them on Eigen,
+  the same logits."""
   net, x = _ConvPoolDense(), jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 32))
   variables = net.init(jax.random.PRNGKey(1), x)
   hlos, logits = {}, {}
   for held in (False, True):
-    monkeypatch.setattr(backend, "HOLD_CONV_OUTPUTS", held)
-    forward = backend.jit(net.apply)
+    forward = backend.jit(backend.rewrite(net.apply, backend.ConvRewrites(hold_outputs=held)))
     hlos[held], logits[held] = forward.lower(variables, x).compile().as_text(), forward(variables, x)
   assert _ynn_convolutions(hlos[False]) > 0, "XLA no longer fuses convolutions into YNNPACK's reductions"
   assert _ynn_convolutions(hlos[True]) == 0 and hlos[True].count(" conditional(") == 2
@@ -183,16 +221,83 @@ class _StridedConvs(nn.Module):
     return jnp.sum(nn.Conv(4, (3, 3), strides=2, padding="VALID")(x) ** 2)
 
 
-def test_strided_flax_convolutions_take_phased_input_gradients(monkeypatch):
-  """On CPU `backend.jit` gives flax's strided convolutions the phased input gradient: no convolution of a
-  dilated gradient left in the compiled step, the same gradients as XLA's rule."""
+def test_strided_flax_convolutions_take_phased_input_gradients():
+  """Phased input gradients: no convolution of a dilated gradient left in the compiled step, the same
+  gradients as XLA's rule."""
   net, x = _StridedConvs(), jax.random.normal(jax.random.PRNGKey(0), (2, 11, 11, 3))
   params = net.init(jax.random.PRNGKey(1), x)["params"]
   grads, hlos = {}, {}
   for phased in (False, True):
-    monkeypatch.setattr(backend, "PHASED_INPUT_GRADIENTS", phased)
-    step = backend.jit(jax.grad(lambda p, x: net.apply({"params": p}, x), argnums=(0, 1)))
+    apply = backend.rewrite(net.apply, backend.ConvRewrites(phased_input_gradients=phased))
+    step = backend.jit(jax.grad(lambda p, x: apply({"params": p}, x), argnums=(0, 1)))
     hlos[phased], grads[phased] = step.lower(params, x).compile().as_text(), step(params, x)
   assert hlos[False].count("lhs_dilate=2x2") >= 2 and "lhs_dilate=" not in hlos[True]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
                grads[True], grads[False])
+
+
+def _train_and_eval(model, variables, x, rewrites):
+  """(loss, logits, batch-stat updates, grads) of a train forward under `backend.jit`, and the inference
+  logits (compiled without YNNPACK, so that the plain forward's convolutions are XLA's too)."""
+  apply = backend.rewrite(model.apply, rewrites)
+
+  def loss(params):
+    logits, updates = apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(logits)), (logits, updates)
+
+  train = backend.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+  inference = jax.jit(lambda v, x: apply(v, x, train=False), compiler_options=NO_YNNPACK)(variables, x)
+  return train, inference
+
+
+@pytest.mark.parametrize("name", ["resnet8", "user_cnn"])
+def test_rewritten_forwards_give_the_plain_values_and_gradients(name):
+  """Holding changes no bit of values or gradients; phased input gradients change only the input gradients'
+  summation order (so the gradients of the layers below a strided convolution, within float32 rounding)."""
+  model = models.create("resnet8", num_classes=10) if name == "resnet8" else _UserCnn()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(1), x, train=False)
+  plain, held, phased, all_off = (_train_and_eval(model, variables, x, r)
+                                  for r in (None, HOLDS_ONLY, backend.ConvRewrites(), ALL_OFF))
+  jax.tree.map(np.testing.assert_array_equal, held, plain)
+  jax.tree.map(np.testing.assert_array_equal, all_off, plain)
+  (phased_values, phased_grads), phased_logits = phased
+  (plain_values, plain_grads), plain_logits = plain
+  jax.tree.map(np.testing.assert_array_equal, (phased_values, phased_logits), (plain_values, plain_logits))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()),
+               phased_grads, plain_grads)
+
+
+def test_without_rewrites_the_rewritten_step_is_the_plain_one():
+  """All off, `rewrite` gives XLA exactly the plain program (the same StableHLO, the same op names)."""
+  model = models.create("resnet8", num_classes=10)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x, train=False)
+
+  def lowered(apply):
+    loss = lambda p: jnp.sum(apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])[0])
+    return jax.jit(jax.grad(loss)).lower(variables["params"])
+
+  plain, rewritten = lowered(model.apply), lowered(backend.rewrite(model.apply, ALL_OFF))
+  assert rewritten.as_text(debug_info=False) == plain.as_text(debug_info=False)
+  op_names = lambda l: sorted(re.findall(r'op_name="([^"]*)"', l.compile().as_text()))
+  assert op_names(rewritten) == op_names(plain) and any("conv" in n for n in op_names(plain))
+
+
+def test_convolutions_inside_jit_and_checkpoint_bodies_and_nnx_models_are_rewritten():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))
+  strided = lambda x, w: jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN)
+  inner = lambda x, w: jnp.sum(jnp.tanh(jax.jit(strided)(jax.checkpoint(_conv)(x, w), w)))
+  conv = nnx.Conv(4, 4, (3, 3), strides=2, rngs=nnx.Rngs(0))
+  graph, state = nnx.split(conv)
+  nnx_forward = lambda state, x: jnp.sum(jnp.tanh(nnx.merge(graph, state)(x)))
+  # Held: each differentiated conv input and its cotangent.
+  for fn, args, held in ((inner, (x, w), 4), (nnx_forward, (state, x), 2)):
+    grads = {}
+    for rewrites in (None, backend.ConvRewrites()):
+      step = backend.jit(jax.grad(backend.rewrite(fn, rewrites), argnums=(0, 1)))
+      hlo, grads[rewrites] = step.lower(*args).compile().as_text(), step(*args)
+      assert ("lhs_dilate=2x2" in hlo) == (rewrites is None)
+      assert hlo.count(" conditional(") == (0 if rewrites is None else held)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), *grads.values())

@@ -1,4 +1,5 @@
 """The benchmark harness (experiments/benchmark.py): a tiny case end to end, its fields, no recompilation."""
+import dataclasses
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 pytest.importorskip("torch")
 
 from experiments import benchmark  # noqa: E402
+from kd_jax.train import backend  # noqa: E402
 
 ISSUE_CASES = ("hinton_mlp", "resnet32x4_resnet8x4_kd", "wrn_40_2_wrn_16_2_at", "resnet32x4_resnet8x4_crd",
                "dml_resnet32_x2", "codistill_resnet32_x2", "codistill_predictions_resnet32_x2",
@@ -96,6 +98,20 @@ def test_mfu_from_the_flop_count_and_the_chips_peak():
     benchmark.parse_args(["--peak-tflops=0"])
 
 
+def test_conv_rewrites_are_chosen_by_flag():
+  """--conv-rewrites builds the step's `backend.ConvRewrites` (an A/B without touching kd_jax); a typo is an
+  argparse error naming the allowed values."""
+  assert benchmark.conv_rewrites("default") == backend.ConvRewrites.default()
+  assert benchmark.conv_rewrites("none") == backend.ConvRewrites(False, False, False)
+  assert benchmark.conv_rewrites("hold_inputs, phased_input_gradients") == backend.ConvRewrites(
+      hold_inputs=True, hold_outputs=False, phased_input_gradients=True)
+  assert benchmark.parse_args(["--conv-rewrites=hold_outputs"]).conv_rewrites == "hold_outputs"
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--conv-rewrites=hold_input"])
+  with pytest.raises(ValueError, match="hold_input.*allowed"):
+    benchmark.conv_rewrites("hold_input")
+
+
 def test_missing_features_are_named():
   with pytest.raises(benchmark.Skipped, match="^skipped: model no_such_net not available$"):
     benchmark.require(models=["no_such_net"])
@@ -140,7 +156,7 @@ def tiny_run(tmp_path_factory):
 def test_hinton_mlp_tiny_end_to_end(tiny_run):
   data, printed = tiny_run
   assert data["meta"]["settings"] == {"steps": 2, "warmup": 2, "repeats": 1, "tiny": True, "seed": 0,
-                                      "dtype": "float32", "paired": True}
+                                      "dtype": "float32", "paired": True, "conv_rewrites": "default"}
   row = data["cases"][0]
   if row["status"] == "skipped":
     pytest.skip(row["reason"])
@@ -170,6 +186,7 @@ def test_hinton_mlp_tiny_end_to_end(tiny_run):
   assert row["jax"]["gflops_per_s"] == pytest.approx(row["jax"]["flops_per_step"] / row["jax"]["ms_per_step"] / 1e6,
                                                      rel=0.01)
   assert "| hinton_mlp | 16 |" in printed
+  assert row["jax"]["conv_rewrites"] == dataclasses.asdict(backend.ConvRewrites.default())
 
 
 def test_train_loop_case_logs_and_checkpoints_only_when_on(tiny_run):

@@ -1,38 +1,31 @@
-"""XLA compiler settings for the engine's jitted functions, per backend.
+"""XLA compiler settings per backend, and the CPU rewrites of a model's convolutions.
 
-On CPU, XLA (jaxlib 0.10) hands convolutions to YNNPACK by default. Its
-weight-gradient convolutions are slow on the CPUs we measured: 1.5x XLA's own
-Eigen convolutions on an AVX-512 EPYC, and 25x on an AVX2 EPYC (Zen 3), where
-they made a resnet8x4 train step 6x slower (BENCHMARKS.md). So the engine
-compiles its steps with convolutions left to Eigen, and everything else
-(YNNPACK's dots and reductions) as XLA's default.
+`jit` is `jax.jit` compiled with `compiler_options()`: on CPU, convolutions are left to XLA's own Eigen
+convolutions instead of YNNPACK (whose weight-gradient convolutions are several times slower on the CPUs
+measured, BENCHMARKS.md), everything else as XLA's default. A user who sets the same option in `XLA_FLAGS`
+keeps that choice. Other backends get no options.
 
-`jit` is `jax.jit` with these options. A user who sets the same XLA option in
-`XLA_FLAGS` (e.g. `--xla_cpu_experimental_ynn_fusion_type=+individual_convolution`
-to keep YNNPACK's convolutions) keeps that choice: nothing is overridden then.
-Other backends (GPU, TPU) get no options.
-
-On CPU `jit` takes one more measure for the same convolutions, "holding"
-values (`hold`) so that XLA does not fuse across them: a differentiated input,
-so that the layout transposes feeding the weight gradients read stored
-activations instead of recomputing them (a resnet32 train step takes about
-0.6-0.65x the time with it), and an inference forward's output, so that
-YNNPACK's reductions do not take the convolutions before them (resnet8x4's
-inference forward: 0.6x). Figures in BENCHMARKS.md.
-
-And it computes the input gradients of strided flax convolutions by phases (`phased_input_gradient`): XLA
-convolves the output gradient dilated by the stride, multiplying the inserted zeros (a 3x3 stride-2
-convolution's input gradient: 4x the multiplications, about 2x the time).
+`rewrite(fn, rewrites)` wraps a function (a model's forward) so that its convolutions run as `ConvRewrites`
+says; the engine applies it to every model forward when the plan's rewrites are enabled (by default on CPU
+only, `ConvRewrites.default`). Each rewrite keeps the values and only changes what XLA:CPU compiles:
+  - hold_inputs: a differentiated convolution input is held (`hold`), so the layout transposes feeding the
+    weight gradient read the stored activation instead of recomputing BatchNorm / add / ReLU inside them;
+  - hold_outputs: an inference forward's convolution outputs are held, so YNNPACK's reduction fusions
+    (pooling, classifier) do not grow back over the convolutions;
+  - phased_input_gradients: a strided 2-D convolution's input gradient is computed by phases
+    (`phased_input_gradient`) instead of convolving the stride-dilated output gradient (mostly zeros).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
+import jax.extend.core as jex_core
+import jax.extend.source_info_util as source_info
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,12 +57,29 @@ def compiler_options(platform: str | None = None) -> dict[str, Any] | None:
   return dict(CPU_OPTIONS) if _cpu_options_supported() else None
 
 
-# Whether `jit` holds convolutions' inputs and outputs on CPU (`_hold_convolutions`); switches for
-# measuring them (experiments/benchmark.py figures are with both on).
-HOLD_CONV_INPUTS = True
-HOLD_CONV_OUTPUTS = True
-# Whether `jit` on CPU computes the input gradients of strided flax convolutions by phases (`strided_conv`).
-PHASED_INPUT_GRADIENTS = True
+def jit(fun: Callable, **kwargs) -> Callable:
+  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()` for the default backend."""
+  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvRewrites:
+  """Which convolution rewrites `rewrite` applies (module docstring); none changes a value."""
+
+  hold_inputs: bool = True
+  hold_outputs: bool = True
+  phased_input_gradients: bool = True
+
+  @classmethod
+  def default(cls, platform: str | None = None) -> "ConvRewrites":
+    """All on for CPU (default: jax's default backend), all off elsewhere (XLA:GPU/TPU need none)."""
+    on = (platform or jax.default_backend()) == "cpu"
+    return cls(hold_inputs=on, hold_outputs=on, phased_input_gradients=on)
+
+  @property
+  def enabled(self) -> bool:
+    return self.hold_inputs or self.hold_outputs or self.phased_input_gradients
+
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -79,11 +89,11 @@ def hold(x: jax.Array) -> jax.Array:
 
   Why: XLA:CPU's weight-gradient convolution reads its input in another layout, through a transpose, and
   fuses the elementwise work that produced that input (BatchNorm, residual add, ReLU) into the transpose
-  rather than reading the stored activation; such a fused transpose runs 5-10x slower than the plain one
-  (BENCHMARKS.md, "Profile"). `jax.lax.optimization_barrier` does not stop it (XLA:CPU removes barriers
-  before fusing); a conditional does: its result is one buffer. The predicate is a constant False that XLA
-  cannot see through (behind an optimisation barrier), so `hold(x)` is exactly `x`; the branch never taken
-  gives NaN (zeros for integers), so a compiler that took it would not go unnoticed. The derivative is the same conditional over
+  rather than reading the stored activation, which is several times slower (BENCHMARKS.md, "Profile").
+  `jax.lax.optimization_barrier` does not stop it (XLA:CPU removes barriers before fusing); a conditional
+  does: its result is one buffer. The predicate is a constant False that XLA cannot see through (behind an
+  optimisation barrier), so `hold(x)` is exactly `x`; the branch never taken gives NaN (zeros for
+  integers), so a compiler that took it would not go unnoticed. The derivative is the same conditional over
   the tangent (linear in it), so the cotangent is held too.
   """
   x = jnp.asarray(x)
@@ -177,56 +187,101 @@ def _phased_conv_bwd(strides, pads, precision, residuals, g):
 _phased_conv.defvjp(_phased_conv_fwd, _phased_conv_bwd)
 
 
-def strided_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                 feature_group_count=1, precision=None, **kwargs):
-  """`jax.lax.conv_general_dilated`, with the input gradient of a strided 2-D NHWC / HWIO convolution (no
-  dilation, one group: what flax's `nn.Conv` calls with `strides`) computed by `phased_input_gradient`."""
-  strides = tuple(window_strides)
-  phased = (lhs.ndim == 4 and rhs.ndim == 4 and max(strides) > 1 and feature_group_count == 1 and not kwargs
-            and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-            and dimension_numbers is not None
-            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  if not phased:
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  return _phased_conv(lhs, rhs, strides, tuple(tuple(int(p) for p in pair) for pair in padding), precision)
+def _phaseable(lhs, rhs, params) -> bool:
+  """Whether a `conv_general_dilated` equation is a strided 2-D NHWC / HWIO convolution without dilation,
+  groups or a preferred output type (what flax's `nn.Conv` with `strides` gives): `phased_input_gradient`'s
+  case."""
+  return (lhs.ndim == 4 and rhs.ndim == 4 and max(params["window_strides"]) > 1
+          and params["feature_group_count"] == 1 and params["batch_group_count"] == 1
+          and all(d == 1 for d in tuple(params["lhs_dilation"]) + tuple(params["rhs_dilation"]))
+          and params["preferred_element_type"] is None and params.get("out_sharding") is None
+          and params["dimension_numbers"] == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
 
 
-def _hold_convolutions(next_fun, args, kwargs, context):
-  """A flax method interceptor for `nn.Conv` / `nn.ConvTranspose` calls: a differentiated input is held
-  (see `hold`), and so is the output of an inference forward: else XLA:CPU grows the YNNPACK fusion of the
-  global pooling's reduction and the classifier's dot back through the convolutions before them, onto
-  YNNPACK's convolutions (1.2-2x Eigen's time here; resnet8x4's inference forward 1.6x: BENCHMARKS.md).
-  An `nn.Conv` without a convolution function of its own gets `strided_conv` for the call (flax's
-  `conv_general_dilated` hook): its input gradient by phases when strided."""
-  if not (isinstance(context.module, (nn.Conv, nn.ConvTranspose)) and context.method_name == "__call__" and args):
-    return next_fun(*args, **kwargs)
-  x = hold_if_differentiated(args[0]) if HOLD_CONV_INPUTS else args[0]
-  module = context.module
-  phase = (PHASED_INPUT_GRADIENTS and type(module) is nn.Conv and module.conv_general_dilated is None
-           and module.conv_general_dilated_cls is None)
-  if phase:  # flax's hook for the convolution function, set for this call only
-    object.__setattr__(module, "conv_general_dilated", strided_conv)
-  try:
-    out = next_fun(x, *args[1:], **kwargs)
-  finally:
-    if phase:
-      object.__setattr__(module, "conv_general_dilated", None)
-  return hold_unless_differentiated(out) if HOLD_CONV_OUTPUTS else out
+def _convolution(primitive, lhs, rhs, params, rewrites: ConvRewrites):
+  """One `conv_general_dilated` equation, rewritten as `rewrites` says."""
+  if rewrites.hold_inputs:
+    lhs = hold_if_differentiated(lhs)
+  if rewrites.phased_input_gradients and _phaseable(lhs, rhs, params):
+    pads = tuple((int(low), int(high)) for low, high in params["padding"])
+    out = _phased_conv(lhs, rhs, tuple(params["window_strides"]), pads, params["precision"])
+  else:
+    out = primitive.bind(lhs, rhs, **primitive.get_bind_params(params))
+  return hold_unless_differentiated(out) if rewrites.hold_outputs else out
 
 
-def jit(fun: Callable, **kwargs) -> Callable:
-  """`jax.jit(fun, **kwargs)` compiled with `compiler_options()` for the default backend; on CPU, the
-  flax convolutions in `fun` held, and strided ones given phased input gradients, as `_hold_convolutions`
-  says."""
-  if jax.default_backend() == "cpu" and (HOLD_CONV_INPUTS or HOLD_CONV_OUTPUTS or PHASED_INPUT_GRADIENTS):
-    inner = fun
+_CONV = "conv_general_dilated"
+# Source lines in this file are left out of tracebacks (as jax's own are): a rewritten model's HLO metadata
+# names the same lines as the plain one.
+source_info.register_exclusion(__file__)
+# Call primitives whose body is evaluated in line when it holds a convolution: {name: param of the body}.
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+_REMATS = ("remat2", "checkpoint")  # `jax.checkpoint`'s primitive ("remat2" in jax 0.10)
 
-    @functools.wraps(inner)
-    def fun(*args, **kw):
-      with nn.intercept_methods(_hold_convolutions):
-        return inner(*args, **kw)
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+def _has_convolution(jaxpr) -> bool:
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's
+  return any(eqn.primitive.name == _CONV or any(map(_has_convolution, jex_core.jaxprs_in_params(eqn.params)))
+             for eqn in jaxpr.eqns)
+
+
+def _bind(eqn, invals, rewrites: ConvRewrites):
+  """The equation's outputs for `invals` (a list where the primitive has multiple results)."""
+  name, params = eqn.primitive.name, eqn.params
+  if name == _CONV:
+    return _convolution(eqn.primitive, *invals, params, rewrites)
+  if name in _CALLS and _has_convolution(params[_CALLS[name]]):
+    body = params[_CALLS[name]]
+    return _evaluate(getattr(body, "jaxpr", body), getattr(body, "consts", ()), invals, rewrites)
+  if name in _REMATS and _has_convolution(params["jaxpr"]):  # kept a remat, with its policy
+    body = lambda *xs: _evaluate(params["jaxpr"], (), xs, rewrites)
+    return jax.checkpoint(body, prevent_cse=params["prevent_cse"], policy=params["policy"])(*invals)
+  return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+
+
+def _evaluate(jaxpr, consts, args, rewrites: ConvRewrites) -> list:
+  """`jaxpr`'s outputs for `args`, each equation bound as it is but the convolutions (`_convolution`), in
+  the calling trace: under `jax.grad` the holds see which convolutions are differentiated."""
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  for eqn in jaxpr.eqns:
+    # The equation's source line and module path, as `jax.core.eval_jaxpr` keeps them: profiles and the HLO's
+    # metadata name the model's code, not this loop.
+    name_stack = source_info.current_name_stack() + eqn.source_info.name_stack
+    with source_info.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+      outs = _bind(eqn, [read(v) for v in eqn.invars], rewrites)
+    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def rewrite(fn: Callable, rewrites: ConvRewrites | None) -> Callable:
+  """`fn` with its convolutions rewritten as `rewrites` says (None: `fn` itself).
+
+  The wrapper traces `fn` to a jaxpr (array leaves of the arguments traced, other leaves such as `train=True`
+  or `mutable=[...]` fixed) and evaluates it equation by equation in the caller's trace, each
+  `conv_general_dilated` replaced (convolutions inside `jax.jit`, `closed_call` and `jax.checkpoint` bodies
+  too; not inside control flow or custom derivatives). So it works for any model (zoo, user linen, NNX);
+  wrap the forward, not a differentiated function, so the holds see what is differentiated.
+  """
+  if rewrites is None:
+    return fn
+
+  @functools.wraps(fn)
+  def rewritten(*args, **kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
+
+    def traced(*arrays):
+      full = list(leaves)
+      for i, array in zip(traced_at, arrays):
+        full[i] = array
+      inner_args, inner_kwargs = jax.tree.unflatten(treedef, full)
+      return fn(*inner_args, **inner_kwargs)
+
+    arrays = [leaves[i] for i in traced_at]
+    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*arrays)
+    outs = _evaluate(closed.jaxpr, closed.consts, arrays, rewrites)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+  return rewritten

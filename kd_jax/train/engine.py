@@ -69,6 +69,7 @@ class StepSpec:
     in parallel (vmapped); see `map_peers`.
   compute_dtype: "bfloat16": models compute in bf16 from float32 master params; BatchNorm statistics,
     outputs, losses and updates stay float32 (see `apply_model`).
+  rewrites: the CPU convolution rewrites applied to every model forward and to the terms (`backend`).
   """
 
   student: nn.Module
@@ -83,6 +84,7 @@ class StepSpec:
   peers: int = 1
   sequential_peers: bool = True
   compute_dtype: str = "float32"
+  rewrites: backend.ConvRewrites | None = None
 
   @property
   def streams(self) -> int:
@@ -103,8 +105,15 @@ def _cast_floats(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32", **kwargs):
-  """`model.apply(variables, x, **kwargs)` with params and float inputs in `compute_dtype`.
+def _rewritten(fn: Callable, rewrites: backend.ConvRewrites | None) -> Callable:
+  """`fn` with its convolutions rewritten (`backend.rewrite`) when `rewrites` enables any, else `fn`."""
+  return backend.rewrite(fn, rewrites) if rewrites is not None and rewrites.enabled else fn
+
+
+def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32",
+                rewrites: backend.ConvRewrites | None = None, **kwargs):
+  """`model.apply(variables, x, **kwargs)` with params and float inputs in `compute_dtype`, its
+  convolutions rewritten as `rewrites` says (`backend.rewrite`).
 
   The modules infer their dtype from inputs and params, so casting both runs every
   Dense/Conv in the compute dtype. BatchNorm statistics stay float32 (flax computes
@@ -113,10 +122,11 @@ def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32
   Gradients reach the float32 params through the cast.
   """
   dtype = COMPUTE_DTYPES[compute_dtype]
+  apply = _rewritten(model.apply, rewrites)
   if dtype == jnp.float32:
-    return model.apply(variables, x, **kwargs)
+    return apply(variables, x, **kwargs)
   variables = {**variables, "params": _cast_floats(variables["params"], dtype)}
-  out = model.apply(variables, _cast_floats(x, dtype), **kwargs)
+  out = apply(variables, _cast_floats(x, dtype), **kwargs)
   if kwargs.get("mutable"):
     (outputs, updates) = out
     return _cast_floats(outputs, jnp.float32), updates
@@ -172,7 +182,8 @@ def _source_axis(spec: StepSpec):
 
 def _inference(spec: StepSpec, model: nn.Module, variables, images):
   """(logits, features) of `model` in inference mode, in the compute dtype: a teacher's forward."""
-  return apply_model(model, variables, images, train=False, return_features=True, compute_dtype=spec.compute_dtype)
+  return apply_model(model, variables, images, train=False, return_features=True, compute_dtype=spec.compute_dtype,
+                     rewrites=spec.rewrites)
 
 
 def init_state(spec: StepSpec, rng: jax.Array, constants, example_images: jax.Array) -> TrainState:
@@ -182,7 +193,8 @@ def init_state(spec: StepSpec, rng: jax.Array, constants, example_images: jax.Ar
   def init_peer(peer_rng):
     init_rng, term_rng, dropout_rng = jax.random.split(peer_rng, 3)
     variables = spec.student.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
-    logits, features = spec.student.apply(variables, images, train=False, return_features=True)
+    logits, features = apply_model(spec.student, variables, images, train=False, return_features=True,
+                                   rewrites=spec.rewrites)
     source = None if spec.source is None else spec.source.init_outputs(
         constants, images, logits, features, lambda m, v, x: _inference(spec, m, v, x))
     term_params, method_state = spec.objective.init(term_rng, Outputs(logits, features), source)
@@ -216,7 +228,7 @@ def _step_inputs(spec: StepSpec, state: TrainState, batch):
 
   def apply_student(params, batch_stats, peer_images):
     return apply_model(spec.student, _variables(params, batch_stats), peer_images, train=False,
-                       compute_dtype=spec.compute_dtype)
+                       compute_dtype=spec.compute_dtype, rewrites=spec.rewrites)
 
   inputs = sources_lib.Inputs(images=images, clean_images=clean, batch=batch,
                               forward=lambda m, v, x: _inference(spec, m, v, x), apply_student=apply_student,
@@ -235,13 +247,15 @@ def _loss_fn(spec: StepSpec, state: TrainState, constants, inputs, dropout_rng, 
     (logits, features), updates = apply_model(
         spec.student, _variables(model_params(spec, params, constants), batch_stats), peer_images,
         train=True, return_features=True, mutable=["batch_stats"], rngs={"dropout": peer_rng},
-        compute_dtype=spec.compute_dtype)
+        compute_dtype=spec.compute_dtype, rewrites=spec.rewrites)
     return logits, features, updates.get("batch_stats", {})
 
   def objective(term_params, method_state, logits, features, peer_batch, source, peer_rng):
     # Terms that draw random numbers (CRD's negatives, CS-KD's pairs) use the batch's "rng".
     return spec.objective(term_params, method_state, Outputs(logits, features), source,
                           {**peer_batch, "rng": peer_rng}, step=state.step)
+
+  objective = _rewritten(objective, spec.rewrites)  # the terms' connectors (regressors, ...) are convolutions too
 
   def loss_fn(params):
     logits, features, batch_stats = over_peers(spec, peer_forward, (0, 0, 0, stream_axis))(
@@ -341,7 +355,8 @@ def eval_heads(model: nn.Module) -> tuple[str, ...]:
 
 
 def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool = True,
-                   compute_dtype: str = "float32", heads: tuple[str, ...] | None = None):
+                   compute_dtype: str = "float32", heads: tuple[str, ...] | None = None,
+                   rewrites: backend.ConvRewrites | None = None):
   """`eval(stacked variables, batch) -> sums`: per-peer "correct" [K] and "loss" [K], the
   peers' ensemble (mean of probabilities) "ensemble_correct", and "count". With per-position
   labels [B, T] (sequences) every position counts as one prediction (per-token sums).
@@ -351,9 +366,9 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
 
   def forward(v, images):
     if not heads:
-      return apply_model(model, v, images, train=False, compute_dtype=compute_dtype), {}
+      return apply_model(model, v, images, train=False, compute_dtype=compute_dtype, rewrites=rewrites), {}
     logits, features = apply_model(model, v, images, train=False, return_features=True,
-                                   compute_dtype=compute_dtype)
+                                   compute_dtype=compute_dtype, rewrites=rewrites)
     missing = [name for name in heads if name not in features]
     if missing:
       raise KeyError(f"eval heads {missing} are not features of the model; available features: {sorted(features)}")
@@ -382,9 +397,9 @@ def make_eval_step(model: nn.Module, normalize, mesh: Mesh, *, sequential: bool 
                  out_shardings=mesh_lib.replicated(mesh))
 
 
-def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh):
+def make_teacher_logits(teacher: nn.Module, normalize, mesh: Mesh, *, rewrites: backend.ConvRewrites | None = None):
   """`logits(teacher_variables, batch) -> [B, classes]` in inference mode, for the teacher cache."""
-  return backend.jit(lambda variables, batch: teacher.apply(
-      variables, normalize(model_inputs(batch["image"])), train=False).astype(jnp.float32),
+  return backend.jit(lambda variables, batch: apply_model(
+      teacher, variables, normalize(model_inputs(batch["image"])), train=False, rewrites=rewrites).astype(jnp.float32),
                  in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))

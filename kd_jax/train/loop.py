@@ -191,7 +191,7 @@ class _Row:
     if not hasattr(self, "_eval_step"):
       self._eval_step = engine.make_eval_step(self.spec.student, self.plan.normalize, self.mesh,
                                               sequential=self.spec.sequential_peers,
-                                              compute_dtype=self.spec.compute_dtype)
+                                              compute_dtype=self.spec.compute_dtype, rewrites=self.spec.rewrites)
     return self._eval_step
 
   def save(self, state, step: int, started: float) -> None:
@@ -220,7 +220,7 @@ def _start(plan: plan_lib.RowPlan, dataset, mesh, row_dir: str) -> tuple[_Row, e
       student=plan.student, objective=plan.objective, optimizer=plan.optimizer, schedule=plan.schedule,
       normalize=plan.normalize, source=source, param_map=param_map, augment=plan.data.augment,
       constrain=_max_norm(plan.max_norm) if plan.max_norm and param_map is None else None, peers=plan.peers,
-      sequential_peers=mesh.shape["replica"] == 1, compute_dtype=plan.compute_dtype)
+      sequential_peers=mesh.shape["replica"] == 1, compute_dtype=plan.compute_dtype, rewrites=plan.rewrites)
   example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, plan.input_dtype)
   rng = jax.random.PRNGKey(plan.data.seed)
   abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, constants, example))
@@ -334,7 +334,7 @@ def _finish(row: _Row, state: engine.TrainState) -> dict[str, Any]:
   if plan.ensemble_with:
     final["ensemble_test_accuracy"] = stages.ensemble_accuracy(
         list(plan.ensemble_with), model, plan.student, plan.normalize, row.dataset, plan.data.eval_batch_size,
-        row.mesh)
+        row.mesh, rewrites=plan.rewrites)
   if engine.eval_heads(plan.student):  # early exits: what each exit costs, next to its accuracy
     example = jnp.zeros((1,) + row.dataset.input_shape, plan.input_dtype)
     final["cost"] = stages.head_costs(plan.student, model, plan.normalize(engine.model_inputs(example)))
@@ -373,7 +373,8 @@ def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: 
 def _evaluate_published(plan: plan_lib.RowPlan, dataset, mesh) -> dict[str, Any]:
   """The result of a row that stands for a trained model (`checkpoint`): its test figures, not trained."""
   module, variables = stages.load_teacher(plan.published, dataset, row_name=plan.name)
-  eval_step = engine.make_eval_step(module, plan.normalize, mesh, compute_dtype=plan.compute_dtype)
+  eval_step = engine.make_eval_step(module, plan.normalize, mesh, compute_dtype=plan.compute_dtype,
+                                    rewrites=plan.rewrites)
   stacked = jax.tree.map(lambda x: np.asarray(x)[None], variables)
   result = evaluate(eval_step, stacked, dataset, plan.data.eval_batch_size, mesh)
   log.info("row %s: the trained model in %s, evaluated (not trained): %s", plan.name, plan.published, result)

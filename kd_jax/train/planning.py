@@ -23,6 +23,7 @@ from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax.data import augment as augment_lib
 from kd_jax.distill import Objective
+from kd_jax.train import backend
 from kd_jax.train import config as config_lib
 from kd_jax.train import optim
 from kd_jax.train import sources as sources_lib
@@ -65,7 +66,8 @@ class RowPlan:
   """One row, ready to train. `teacher`, `init_from`, `ensemble_with`: model directories (rows of the
   table resolve to `<workdir>/<row>/final`); `source`: what the student learns from besides labels
   (unloaded); `generator_pattern`: weight distillation's layer pattern ("" for none); `published`: the
-  trained model this row stands for (evaluated, not trained), or ""."""
+  trained model this row stands for (evaluated, not trained), or ""; `rewrites`: the convolution rewrites
+  of the platform (CPU), outside the fingerprint like the platform itself."""
 
   name: str
   published: str
@@ -90,6 +92,7 @@ class RowPlan:
   steps_per_epoch: int
   stop_step: int
   compute_dtype: str
+  rewrites: backend.ConvRewrites
   options: Options
   fingerprint: dict[str, Any]
 
@@ -271,7 +274,7 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
       optimizer=with_frozen(optimizer, frozen), max_norm=row.max_norm,
       peers=row.peers, epochs=epochs, steps_per_epoch=steps_per_epoch,
       stop_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
-      compute_dtype=config.compute_dtype,
+      compute_dtype=config.compute_dtype, rewrites=backend.ConvRewrites.default(),
       options=Options(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(Options)}),
       fingerprint=config_lib.fingerprint(config, name))
 

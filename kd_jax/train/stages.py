@@ -56,11 +56,12 @@ def padded_split(images: np.ndarray, labels: np.ndarray, batch_size: int):
     }
 
 
-def teacher_cache(teacher, variables, dataset, normalize, mesh, batch_size: int, *, row_name: str) -> jax.Array:
+def teacher_cache(teacher, variables, dataset, normalize, mesh, batch_size: int, *, row_name: str,
+                  rewrites=None) -> jax.Array:
   """The teacher's logits on every training example, [N, classes], computed once."""
   if not hasattr(dataset, "train_images"):
     raise ConfigError(f"row {row_name!r}: cache_teacher needs an in-memory dataset; {dataset.name!r} is streamed")
-  logits_fn = engine.make_teacher_logits(teacher, normalize, mesh)
+  logits_fn = engine.make_teacher_logits(teacher, normalize, mesh, rewrites=rewrites)
   chunks = [logits_fn(variables, mesh_lib.put_batch(batch, mesh_lib.batch_sharding(mesh)))
             for batch in padded_split(dataset.train_images, dataset.train_labels, device_multiple(batch_size, mesh))]
   return jnp.concatenate(chunks)[:dataset.num_train]
@@ -77,7 +78,7 @@ def load_source(plan: RowPlan, dataset, mesh):
   context = {
       "teacher": (module, variables),
       "cache_logits": lambda m, v: teacher_cache(m, v, dataset, plan.normalize, mesh, plan.data.eval_batch_size,
-                                                 row_name=plan.name)}
+                                                 row_name=plan.name, rewrites=plan.rewrites)}
   source, constants = plan.source.load(context)
   param_map = None
   if plan.generator_pattern:
@@ -179,11 +180,13 @@ def initialise(plan: RowPlan, spec: engine.StepSpec, state: engine.TrainState, m
   return state
 
 
-def ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, batch_size: int, mesh) -> float:
+def ensemble_accuracy(dirs: list[str], variables, model, normalize, dataset, batch_size: int, mesh, *,
+                      rewrites=None) -> float:
   """Test accuracy of the mean of the probabilities of this row's model and the models in `dirs`."""
   members = [variables] + [checkpoint_lib.load_model(d)[0] for d in dirs]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *members)
-  totals = evaluate(engine.make_eval_step(model, normalize, mesh, heads=()), stacked, dataset, batch_size, mesh)
+  eval_step = engine.make_eval_step(model, normalize, mesh, heads=(), rewrites=rewrites)
+  totals = evaluate(eval_step, stacked, dataset, batch_size, mesh)
   return totals["ensemble_test_accuracy"]
 
 
