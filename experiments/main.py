@@ -49,9 +49,10 @@ def list_rows(config) -> str:
   for name in config_lib.row_order(config):
     r = config.rows[name]
     terms = ",".join(f"{t}" + (f"*{o['weight']}" if "weight" in o else "") for t, o in r.terms.items())
-    source = f" teacher={r.teacher}" if r.teacher else (f" peers={r.peers}" if r.peers > 1 else "")
+    source = f" teacher={r.teacher.row}" if r.teacher.row else (
+        f" peers={r.peers.count}" if r.peers.count > 1 else "")
     lines.append(f"{name}: model={r.model}{source} terms={terms} epochs={config_lib.row_epochs(config, name)}"
-                 + (f" init_from={r.init_from}" if r.init_from else ""))
+                 + (f" init={r.init['from']}" if r.init["from"] else ""))
   return "\n".join(lines)
 
 

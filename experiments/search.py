@@ -20,7 +20,7 @@ Early stopping (successive halving, as in Jamieson & Talwalkar 2016 / Li et al.
 2017's Hyperband): every candidate trains `rungs[0]` epochs; at rung r the best
 ceil(n / eta) candidates of rung r-1 by Pareto rank (non-dominated sorting on
 accuracy vs parameters: the front first, then the next front, ties by accuracy)
-train `rungs[r]` more epochs, starting from their rung r-1 weights (`init_from`,
+train `rungs[r]` more epochs, starting from their rung r-1 weights (`init`,
 with a fresh schedule). A candidate's figure is its test accuracy at the last
 rung it reached; the Pareto front is computed among the candidates of the last
 rung (all with the same budget).
@@ -200,10 +200,11 @@ def candidate_row(search, widths: Arch, rung: int):
   from kd_jax.train import row
 
   kwargs = dict(search.model_kwargs.to_dict() if hasattr(search.model_kwargs, "to_dict") else search.model_kwargs)
-  return row(model=search.model, model_kwargs={**kwargs, "widths": list(widths)}, teacher=search.teacher,
-             terms=search.terms.to_dict(), optimizer=search.optimizer.to_dict(),
+  return row(model=search.model, model_kwargs={**kwargs, "widths": list(widths)},
+             teacher={"row": search.teacher, "cache": search.cache_teacher}, terms=search.terms.to_dict(),
+             optimizer=search.optimizer.to_dict(),
              schedule=search.schedule.to_dict(), epochs=int(search.rungs[rung]),
-             init_from=row_name(widths, rung - 1) if rung > 0 else "", cache_teacher=search.cache_teacher)
+             init={"from": row_name(widths, rung - 1) if rung > 0 else ""})
 
 
 def row_name(widths: Arch, rung: int) -> str:
@@ -237,7 +238,7 @@ def search(config, workdir: str, *, run=None) -> dict[str, Any]:
 
   def train_rung(batch: list[Arch], rung: int):
     rows = {row_name(a, r): candidate_row(s, a, r) for a in batch for r in range(rung + 1)}
-    # Earlier rungs of these candidates are rows too (finished: read back), for their init_from.
+    # Earlier rungs of these candidates are rows too (finished: read back), for their init.
     out = run(_table(config, rows), workdir)
     for a in batch:
       results[(a, rung)] = out[row_name(a, rung)]

@@ -197,5 +197,5 @@ def test_mnist_afd_config_is_valid():
   from kd_jax.train import config as config_lib
 
   config = config_lib.validate(mnist_afd.get_config())
-  assert config.rows.afd.peers == 2 and config.rows.afd.exchange.mode == "predictions"
+  assert config.rows.afd.peers.count == 2 and config.rows.afd.peers.exchange == "predictions"
   assert set(config.rows.afd.terms) == {"ce", "dml", "afd"}

@@ -197,4 +197,4 @@ def test_attention_transformer_config_is_valid():
 
   config = config_lib.validate(attention_transformer.get_config())
   assert [r for r in config.rows if "attention" in config.rows[r].terms] == ["attention", "minilm", "tinybert_attn"]
-  assert all(config.rows[r].teacher == "teacher" for r in config.rows if r != "teacher")
+  assert all(config.rows[r].teacher.row == "teacher" for r in config.rows if r != "teacher")

@@ -74,7 +74,7 @@ def with_teacher_dir(make_dir, **changes):
   def case(tmp):
     c = config(**changes)
     select_rows(c, "student")
-    c.rows.student.teacher = make_dir(tmp)
+    c.rows.student.teacher.row = make_dir(tmp)
     train.run(c, str(tmp / "run"))
   return case
 
@@ -97,8 +97,8 @@ CASES = {
     "unknown loss term at validation": (
         lambda tmp: train.config.validate(config(**{"rows.student.terms": {"kd": {}, "reviewdk": {}}})), ValueError,
         r"rows.student.terms: unknown loss term 'reviewdk'. Did you mean 'reviewkd'"),
-    "freeze naming no params": (run(config(**{"rows.student.freeze": ["terms/ft"]})), ValueError,
-                                r"rows.student.freeze: 'terms/ft' names no params of the row"),
+    "freeze naming no params": (run(config(**{"rows.student.optimizer.freeze": ["terms/ft"]})), ValueError,
+                                r"rows.student.optimizer.freeze: 'terms/ft' names no params of the row"),
     "negative max_steps": (run(config(max_steps=-1)), ValueError, r"max_steps must be a non-negative int, got -1"),
     "unknown FT stage": (run(config(**{"rows.student.terms": {"ft": {"stage": "pretrain"}}})), ValueError,
                          r"ft: unknown stage 'pretrain'; known: \('paraphraser', 'transfer'\)"),
@@ -114,14 +114,14 @@ CASES = {
     "batch larger than the data": (run(config(**{"data.batch_size": 4096})), ValueError,
                                    r"batch size 4096 is larger than the 1437 training examples"),
     "non-positive log interval": (run(config(log_every_steps=0)), ValueError, r"log_every_steps must be positive, got 0"),
-    "teacher cycle": (run(config(**{"rows.teacher.teacher": "student"})), ValueError,
+    "teacher cycle": (run(config(**{"rows.teacher.teacher.row": "student"})), ValueError,
                       r"teacher cycle among rows: .*student.*teacher"),
-    "row is its own teacher": (run(config(**{"rows.teacher.teacher": "teacher"})), ValueError,
+    "row is its own teacher": (run(config(**{"rows.teacher.teacher.row": "teacher"})), ValueError,
                                r"row 'teacher' names itself as its teacher"),
     "ensemble with an unknown row": (run(config(**{"rows.student.ensemble_with": ["gen9"]})), ValueError,
                                      r"ensemble_with names 'gen9'"),
-    "teacher term without teacher": (run(config(**{"rows.student.teacher": ""})), ValueError,
-                                     r"rows.student uses a teacher .* rows.student.teacher is empty"),
+    "teacher term without teacher": (run(config(**{"rows.student.teacher.row": ""})), ValueError,
+                                     r"rows.student uses a teacher .* rows.student.teacher.row is empty"),
     "teacher with other class count": (with_teacher_dir(lambda t: trained_model(t, classes=7)), ValueError,
                                        r"has 7 classes, but dataset 'digits' has 10"),
     "teacher with other input shape": (with_teacher_dir(lambda t: trained_model(t, shape=(28, 28, 1))), ValueError,
@@ -134,20 +134,20 @@ CASES = {
                                                                       "teacher_feature": "stage1"}}})), KeyError,
                         r"the student has no feature 'stage9'; available features"),
     "peers not fitting the replica axis": (
-        run(config(**{"mesh.replica": 2, "mesh.data": 4, "rows.teacher.peers": 3})), ValueError,
+        run(config(**{"mesh.replica": 2, "mesh.data": 4, "rows.teacher.peers.count": 3})), ValueError,
         r"3 peers cannot be spread over mesh.replica=2"),
     "mesh larger than the devices": (run(config(**{"mesh.replica": 4, "mesh.data": 4})), ValueError,
                                      r"mesh replica=4 x data=4 = 16 devices, but 8 are available"),
     "online term without peers": (run(config(**{"rows.teacher.terms": {"dml": {}}})), ValueError,
                                   r"an online term .* needs peers >= 2"),
-    "unknown exchange mode": (run(config(**{"rows.teacher.peers": 2, "rows.teacher.exchange.mode": "gossip"})),
-                              ValueError, r"rows.teacher.exchange.mode must be one of \['none', 'predictions', 'stale'\], got 'gossip'"),
+    "unknown exchange mode": (run(config(**{"rows.teacher.peers.count": 2, "rows.teacher.peers.exchange": "gossip"})),
+                              ValueError, r"rows.teacher.peers.exchange must be one of \['none', 'predictions', 'stale'\], got 'gossip'"),
     "unknown optimizer": (run(config(**{"rows.teacher.optimizer.name": "lamb"})), ValueError,
                           r"unknown optimizer 'lamb'"),
     "unknown schedule": (run(config(**{"rows.teacher.schedule.name": "linear"})), ValueError,
                          r"unknown schedule 'linear'"),
-    "unknown augmentation": (run(config(**{"rows.teacher.augment": "mixup"})), ValueError,
-                             r"rows.teacher.augment must be one of \['none', 'jitter', 'crop_flip'\], got 'mixup'"),
+    "unknown augmentation": (run(config(**{"rows.teacher.data.augment": "mixup"})), ValueError,
+                             r"rows.teacher.data.augment must be one of \['none', 'jitter', 'crop_flip'\], got 'mixup'"),
     "unknown table row": (lambda tmp: select_rows(config(), "studnet"), ValueError, r"unknown row\(s\) \['studnet'\]"),
     "unknown model name at the API": (lambda tmp: models.create("wrn_40_3", num_classes=10), ValueError,
                                       r"unknown model 'wrn_40_3'"),

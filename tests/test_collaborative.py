@@ -355,13 +355,13 @@ def test_every_row_of_the_table_is_traced_on_its_models():
       for feature_name in getattr(model, "eval_heads", ()):
         assert feats[feature_name].shape == (2, 10), (name, feature_name)
       student = Outputs(out, feats)
-      peers = Outputs(jnp.broadcast_to(out, (row.peers - 1,) + out.shape)) if objective.needs_peers else None
+      peers = Outputs(jnp.broadcast_to(out, (row.peers.count - 1,) + out.shape)) if objective.needs_peers else None
       params, state = objective.init(jax.random.PRNGKey(0), student, peers)
       return objective(params, state, student, peers, {"label": jnp.zeros((2,), jnp.int32)},
                        step=jnp.zeros((), jnp.int32))[0]
 
     assert jax.eval_shape(loss).shape == (), name
-    assert objective.needs_peers == (row.peers > 1), name
+    assert objective.needs_peers == (row.peers.count > 1), name
 
 
 def test_a_tiny_group_trains_through_the_loop_and_reports_every_member(tmp_path):

@@ -111,7 +111,7 @@ def test_every_row_fits_the_real_architectures(config_name):
   for name, row in config.rows.items():
     objective = Objective(row.terms.to_dict(), steps_per_epoch=10, num_train=64)
     student = features(row.model)
-    teacher = features(config.rows[row.teacher].model) if objective.needs_teacher else None
+    teacher = features(config.rows[row.teacher.row].model) if objective.needs_teacher else None
     batch = {"label": jax.ShapeDtypeStruct((2,), jnp.int32), "index": jax.ShapeDtypeStruct((2,), jnp.int32),
              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
 
@@ -122,7 +122,7 @@ def test_every_row_fits_the_real_architectures(config_name):
     try:
       assert jax.eval_shape(loss, student, teacher, batch).shape == (), name
     except Exception as e:
-      raise AssertionError(f"{config_name}:{name} ({row.model} from {row.teacher or 'no teacher'}): {e}") from e
+      raise AssertionError(f"{config_name}:{name} ({row.model} from {row.teacher.row or 'no teacher'}): {e}") from e
 
 
 # --- one row per method by default, trained ---------------------------------------------------------------------

@@ -32,7 +32,7 @@ def digits_table():
   config.data.eval_batch_size = 360
   config.epochs = 1
   config.progress = False
-  config.rows.teacher.augment = "none"  # a 2-pixel jitter wrecks 8x8 digits
+  config.rows.teacher.data.augment = "none"  # a 2-pixel jitter wrecks 8x8 digits
   config.mesh.data = 1  # 19 rows' compiles: 8-device sharding is covered by the 20-step tests below
   return config
 
@@ -96,7 +96,7 @@ def test_init_from_another_model_is_refused(digits_results, tmp_path):
   config = digits_table()
   from experiments.configs import select_rows
   select_rows(config, "student")
-  config.rows.student.init_from = os.path.join(workdir, "teacher", "final")
+  config.rows.student.init["from"] = os.path.join(workdir, "teacher", "final")
   with pytest.raises(ValueError, match=r"init_from .* holds a mlp_1200 .* but the row trains a mlp_800"):
     train.run(config, str(tmp_path))
 

@@ -162,8 +162,7 @@ def test_peers_that_do_not_fit_the_replica_axis_are_refused(tmp_path):
   config.progress = False
   config.mesh.replica = 2
   config.mesh.data = 4
-  config.rows.dml = train.row(model="mlp", model_kwargs={"widths": [16]}, terms=DML, peers=3,
-                              exchange="predictions")
+  config.rows.dml = train.row(model="mlp", model_kwargs={"widths": [16]}, terms=DML, peers={"count": 3, "exchange": "predictions"})
   with pytest.raises(ValueError, match=r"3 peers cannot be spread over mesh.replica=2"):
     train.run(config, str(tmp_path))
 
@@ -176,8 +175,8 @@ def test_run_reports_each_peer_and_their_ensemble(tmp_path):
   config.progress = False
   config.mesh.replica = 2
   config.mesh.data = 4
-  config.rows.dml = train.row(model="mlp", model_kwargs={"widths": [32]}, terms=DML, peers=2,
-                              exchange="predictions", optimizer={"name": "adam", "learning_rate": 1e-2})
+  config.rows.dml = train.row(model="mlp", model_kwargs={"widths": [32]}, terms=DML, peers={"count": 2, "exchange": "predictions"},
+                              optimizer={"name": "adam", "learning_rate": 1e-2})
   result = train.run(config, str(tmp_path))["dml"]
   assert len(result["peer_test_accuracy"]) == 2 and min(result["peer_test_accuracy"]) > 0.8
   assert result["ensemble_test_accuracy"] > 0.8

@@ -49,18 +49,18 @@ BAD = {  # mistake -> a text the error must contain (the key it names)
     "optimizer name": (_set("rows.student.optimizer.name", "sgdd"), "rows.student.optimizer"),
     "schedule name": (_set("rows.student.schedule.name", "cosin"), "rows.student.schedule"),
     "schedule key": (_set("rows.student.schedule.final_fractio", 0.1), "rows.student.schedule.final_fractio"),
-    "augment": (_set("rows.student.augment", "flip"), "rows.student.augment"),
+    "augment": (_set("rows.student.data.augment", "flip"), "rows.student.data.augment"),
     "model": (_set("rows.student.model", "mlpp"), "mlpp"),
     "term": (_set("rows.student.terms.kdd", {}), "rows.student.terms"),
     "term option": (_set("rows.student.terms.kd.temprature", 2.0), "temprature"),
-    "exchange mode": (_set("rows.student.exchange.mode", "stail"), "rows.student.exchange.mode"),
-    "teacher input": (_set("rows.student.teacher_input", "noisy"), "rows.student.teacher_input"),
-    "peers": (_set("rows.student.peers", 0), "rows.student.peers"),
-    "missing teacher": (_set("rows.student.teacher", ""), "rows.student.teacher"),
-    "cache with augmentation": (lambda c: (_set("rows.student.cache_teacher", True)(c),
-                                           _set("rows.student.augment", "jitter")(c)), "rows.student.cache_teacher"),
-    "freeze path": (_set("rows.student.freeze", ["students"]), "rows.student.freeze"),
-    "frozen module": (_set("rows.student.freeze", ["student/dense9"]), "dense9"),
+    "exchange mode": (_set("rows.student.peers.exchange", "stail"), "rows.student.peers.exchange"),
+    "teacher input": (_set("rows.student.teacher.input", "noisy"), "rows.student.teacher.input"),
+    "peers": (_set("rows.student.peers.count", 0), "rows.student.peers.count"),
+    "missing teacher": (_set("rows.student.teacher.row", ""), "rows.student.teacher.row"),
+    "cache with augmentation": (lambda c: (_set("rows.student.teacher.cache", True)(c),
+                                           _set("rows.student.data.augment", "jitter")(c)), "rows.student.teacher.cache"),
+    "freeze path": (_set("rows.student.optimizer.freeze", ["students"]), "rows.student.optimizer.freeze"),
+    "frozen module": (_set("rows.student.optimizer.freeze", ["student/dense9"]), "dense9"),
     "batch divisor": (_set("data.batch_size", 60), "data.batch_size"),
 }
 
@@ -79,11 +79,11 @@ def test_a_mistake_in_the_last_row_is_refused_before_any_row_trains(case, tmp_pa
 
 def test_every_row_plans_with_the_source_its_config_asks_for():
   config = table()
-  config.rows.cached = train.row(model="mlp", teacher="teacher", cache_teacher=True, terms={"kd": {}})
-  config.rows.clean = train.row(model="mlp", teacher="teacher", teacher_input="clean", augment="jitter",
+  config.rows.cached = train.row(model="mlp", teacher={"row": "teacher", "cache": True}, terms={"kd": {}})
+  config.rows.clean = train.row(model="mlp", teacher={"row": "teacher", "input": "clean"}, data={"augment": "jitter"},
                                 terms={"kd": {}})
-  config.rows.dml = train.row(model="mlp", peers=2, exchange="predictions", terms={"ce": {}, "dml": {}})
-  config.rows.stale = train.row(model="mlp", peers=3, exchange="stale", exchange_every_steps=7,
+  config.rows.dml = train.row(model="mlp", peers={"count": 2, "exchange": "predictions"}, terms={"ce": {}, "dml": {}})
+  config.rows.stale = train.row(model="mlp", peers={"count": 3, "exchange": "stale", "every_steps": 7},
                                 terms={"ce": {}, "codistill": {}})
   plans = train.check(config, DIGITS, workdir="/w")
   assert list(plans) == ["teacher", "student", "cached", "clean", "dml", "stale"]

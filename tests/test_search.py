@@ -63,7 +63,7 @@ class FakeTrainer:
       if name == "teacher":
         continue
       widths = list(r.model_kwargs.widths)
-      epochs = r.epochs + (out[r.init_from]["epochs"] if r.init_from else 0)
+      epochs = r.epochs + (out[r.init["from"]]["epochs"] if r.init["from"] else 0)
       capacity = 1 - 1 / (1 + sum(widths) / 100) / (1 + 0.3 * len(widths))
       out[name] = {"test_accuracy": capacity * (1 - 0.5 ** epochs), "num_params": mlp_params(widths),
                    "epochs": epochs}
@@ -114,7 +114,7 @@ def digits_search_config(candidates=3):
   config.rows.teacher = config.rows.teacher.copy_and_resolve_references()
   config.rows.teacher.model = "mlp"
   config.rows.teacher.model_kwargs = {"widths": [64]}
-  config.rows.teacher.augment = "none"
+  config.rows.teacher.data.augment = "none"
   config.rows.teacher.epochs = 3
   config.rows.teacher.optimizer.learning_rate = 1e-2
   config.search.depths = [1, 2]
@@ -183,7 +183,7 @@ def test_mnist_search_front_beats_the_smallest_candidate(tmp_path):
   # A short run: a smaller teacher (784-400-400-10, no jitter), 2 epochs; each candidate 1 + 1 epochs.
   config.rows.teacher.model = "mlp"
   config.rows.teacher.model_kwargs = {"widths": [400, 400]}
-  config.rows.teacher.augment = "none"
+  config.rows.teacher.data.augment = "none"
   config.rows.teacher.epochs = 2
   config.search.candidates = 5
   config.search.rungs = [1, 1]
@@ -207,5 +207,5 @@ def test_generated_table_is_a_valid_config():
   rows = {search_lib.row_name((800, 50), 0): search_lib.candidate_row(config.search, (800, 50), 0),
           search_lib.row_name((800, 50), 1): search_lib.candidate_row(config.search, (800, 50), 1)}
   table = config_lib.validate(search_lib._table(config, rows))
-  assert "search" not in table and table.rows.w800x50_r1.init_from == "w800x50_r0"
-  assert table.rows.w800x50_r0.teacher == "teacher" and list(table.rows.w800x50_r0.model_kwargs.widths) == [800, 50]
+  assert "search" not in table and table.rows.w800x50_r1.init["from"] == "w800x50_r0"
+  assert table.rows.w800x50_r0.teacher.row == "teacher" and list(table.rows.w800x50_r0.model_kwargs.widths) == [800, 50]

@@ -253,11 +253,11 @@ def test_snapshot_rows_chain_the_cycles():
   names = mnist_self.snapshot_rows(config, prefix="s", cycles=3, epochs_per_cycle=2, model="mlp",
                                    kd_terms={"ce": {}, "kd": {}}, schedule={"name": "cosine"})
   assert names == ["s_c1", "s_c2", "s_c3"]
-  assert not config.rows.s_c1.teacher and not config.rows.s_c1.init_from and list(config.rows.s_c1.terms) == ["ce"]
+  assert not config.rows.s_c1.teacher.row and not config.rows.s_c1.init["from"] and list(config.rows.s_c1.terms) == ["ce"]
   for previous, name in zip(names, names[1:]):
-    assert config.rows[name].teacher == previous and config.rows[name].init_from == previous
+    assert config.rows[name].teacher.row == previous and config.rows[name].init["from"] == previous
     assert config.rows[name].schedule.name == "cosine" and config.rows[name].epochs == 2
-  assert [config.rows[n].data_start_epoch for n in names] == [0, 2, 4]  # one run's data order
+  assert [config.rows[n].data.start_epoch for n in names] == [0, 2, 4]  # one run's data order
   with pytest.raises(ValueError, match="at least 2 cycles"):
     mnist_self.snapshot_rows(config, cycles=1, epochs_per_cycle=1, model="mlp", kd_terms={})
 

@@ -216,7 +216,7 @@ def test_partial_init_and_frozen_teacher_blocks_leave_the_teacher_weights_unchan
     jax.tree.map(np.testing.assert_array_equal, updated["student"][layer], teacher["params"][layer])
   assert float(jnp.abs(updated["student"]["student_block1"]["up"]["kernel"]
                        - params["student_block1"]["up"]["kernel"]).max()) > 0
-  config.rows.pbkd_stage1.freeze = ["student/student_block7"]
+  config.rows.pbkd_stage1.optimizer.freeze = ["student/student_block7"]
   with pytest.raises(train.ConfigError, match="student_block7"):
     train.plan(config, "pbkd_stage1", data.load("digits"))
   with pytest.raises(train.ConfigError, match="init_partial found no param"):
@@ -270,9 +270,9 @@ def test_labelled_subset_is_fixed_by_the_seed_and_batches_carry_its_mask():
   digits = data.load("digits")
   config = mnist_students.get_config()
   teacher_row, student_row = config.rows.ns_teacher, config.rows.ns_student1
-  teacher_row.labelled_examples = student_row.labelled_examples = 200
-  view = lambda row: plan_lib.DataView(batch_size=64, eval_batch_size=64, seed=3, labelled=row.labelled_examples,
-                                       unlabelled=row.unlabelled)
+  teacher_row.data.labelled_examples = student_row.data.labelled_examples = 200
+  view = lambda row: plan_lib.DataView(batch_size=64, eval_batch_size=64, seed=3, labelled=row.data.labelled_examples,
+                                       unlabelled=row.data.unlabelled)
   labelled_only, mask = loop._labelled_split(view(teacher_row), digits)
   assert mask is None and labelled_only.num_train == 200
   assert labelled_only.test_images.shape == digits.test_images.shape  # the test set is untouched
@@ -287,12 +287,12 @@ def test_labelled_subset_is_fixed_by_the_seed_and_batches_carry_its_mask():
 
 def test_bad_row_options_are_named():
   config = mnist_students.get_config("ns_student1")
-  config.rows.ns_student1.unlabelled = "ignore"
+  config.rows.ns_student1.data.unlabelled = "ignore"
   with pytest.raises(ValueError, match="unlabelled"):
     config_lib.validate(config)
   config = mnist_students.get_config("rekd")
-  config.rows.rekd.init_from = ""
-  with pytest.raises(ValueError, match="init_partial"):
+  config.rows.rekd.init["from"] = ""
+  with pytest.raises(ValueError, match="init.partial"):
     config_lib.validate(config)
 
 

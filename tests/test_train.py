@@ -251,7 +251,7 @@ def test_teacher_with_another_class_count_is_refused(tmp_path):
                                                  "num_classes": 5, "input_shape": [8, 8, 1]})
   config = tiny_config()
   select_rows(config, "student_kd")
-  config.rows.student_kd.teacher = teacher_dir
+  config.rows.student_kd.teacher.row = teacher_dir
   with pytest.raises(ValueError, match=r"the teacher in .*teacher5 has 5 classes, but dataset 'digits' has 10"):
     train.run(config, str(tmp_path / "run"))
 
@@ -259,15 +259,15 @@ def test_teacher_with_another_class_count_is_refused(tmp_path):
 def test_teacher_term_without_a_teacher(tmp_path):
   config = tiny_config()
   select_rows(config, "student_kd")
-  config.rows.student_kd.teacher = ""
-  with pytest.raises(ValueError, match=r"rows.student_kd uses a teacher .* rows.student_kd.teacher is empty"):
+  config.rows.student_kd.teacher.row = ""
+  with pytest.raises(ValueError, match=r"rows.student_kd uses a teacher .* rows.student_kd.teacher.row is empty"):
     train.run(config, str(tmp_path))
 
 
 def test_teacher_cache_gives_the_same_run_as_the_teacher_forward(reference_run, tmp_path):
   workdir, _ = reference_run
   config = tiny_config()
-  config.rows.student_kd.cache_teacher = True
+  config.rows.student_kd.teacher.cache = True
   os.symlink(os.path.join(workdir, "teacher"), str(tmp_path / "teacher"))
   train.run(config, str(tmp_path))
   cached, direct = read_metrics(str(tmp_path), "student_kd"), read_metrics(workdir, "student_kd")
@@ -276,14 +276,14 @@ def test_teacher_cache_gives_the_same_run_as_the_teacher_forward(reference_run, 
 
 def test_teacher_cache_with_random_augmentation_is_refused(tmp_path):
   config = tiny_config()
-  config.rows.student_kd.cache_teacher = True
-  config.rows.student_kd.augment = "jitter"
-  with pytest.raises(ValueError, match="cache_teacher needs un-augmented teacher inputs, but augment='jitter'"):
+  config.rows.student_kd.teacher.cache = True
+  config.rows.student_kd.data.augment = "jitter"
+  with pytest.raises(ValueError, match="teacher.cache needs un-augmented teacher inputs, but data.augment='jitter'"):
     train.run(config, str(tmp_path))
 
 
 def test_clean_teacher_input_sees_the_unaugmented_batch(reference_run, tmp_path):
-  """teacher_input='clean' (Noisy Student): the student trains on jittered images while the teacher reads the
+  """teacher.input='clean' (Noisy Student): the student trains on jittered images while the teacher reads the
   un-augmented ones. The cache holds the teacher's logits on the un-augmented train set, so the run with the
   teacher's forward pass matches it only if that forward pass reads the clean batch."""
   workdir, _ = reference_run
@@ -291,7 +291,8 @@ def test_clean_teacher_input_sees_the_unaugmented_batch(reference_run, tmp_path)
   for name, cache in [("direct", False), ("cached", True)]:
     config = tiny_config()
     config.max_steps = 10
-    config.rows.student_kd.update(augment="jitter", teacher_input="clean", cache_teacher=cache)
+    config.rows.student_kd.data.augment = "jitter"
+    config.rows.student_kd.teacher.update(input="clean", cache=cache)
     os.makedirs(tmp_path / name)
     os.symlink(os.path.join(workdir, "teacher"), str(tmp_path / name / "teacher"))
     train.run(config, str(tmp_path / name))
@@ -302,8 +303,8 @@ def test_clean_teacher_input_sees_the_unaugmented_batch(reference_run, tmp_path)
 
 def test_unknown_teacher_input_is_named(tmp_path):
   config = tiny_config()
-  config.rows.student_kd.teacher_input = "noisy"
-  with pytest.raises(ValueError, match=r"rows.student_kd.teacher_input must be 'augmented' .* got 'noisy'"):
+  config.rows.student_kd.teacher.input = "noisy"
+  with pytest.raises(ValueError, match=r"rows.student_kd.teacher.input must be one of \['augmented', 'clean'\], got 'noisy'"):
     train.run(config, str(tmp_path))
 
 
@@ -311,7 +312,7 @@ def test_bfloat16_compute_keeps_float32_params_and_learns(reference_run, tmp_pat
   workdir, _ = reference_run
   config = tiny_config()
   select_rows(config, "student_kd")
-  config.rows.student_kd.teacher = os.path.join(workdir, "teacher", "final")
+  config.rows.student_kd.teacher.row = os.path.join(workdir, "teacher", "final")
   config.compute_dtype = "bfloat16"
   config.mesh.data = 1
   result = train.run(config, str(tmp_path))["student_kd"]

@@ -183,9 +183,9 @@ def tiny_config():
   adam = {"name": "adam", "learning_rate": 3e-3}
   kd = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5, "temperature": 1.0}}
   config.rows.teacher = train.row(model="transformer", model_kwargs=TEACHER, terms={"ce": {}}, optimizer=adam)
-  config.rows.wd_generate = train.row(model="transformer", model_kwargs=STUDENT, teacher="teacher", terms=kd,
-                                      weight_generator=True, optimizer=adam)
-  config.rows.wd = train.row(model="transformer", model_kwargs=STUDENT, teacher="teacher", init_from="wd_generate",
+  config.rows.wd_generate = train.row(model="transformer", model_kwargs=STUDENT, teacher={"row": "teacher", "generator": r"layers_(\d+)"}, terms=kd,
+                                      optimizer=adam)
+  config.rows.wd = train.row(model="transformer", model_kwargs=STUDENT, teacher="teacher", init={"from": "wd_generate"},
                              terms=kd, optimizer=adam)
   return config
 
@@ -214,8 +214,8 @@ def test_both_phases_on_token_inputs_report_per_token_accuracy(tmp_path):
 def test_augmenting_token_inputs_is_refused(tmp_path):
   config = tiny_config()
   select_rows(config, "teacher")
-  config.rows.teacher.augment = "jitter"
-  with pytest.raises(ValueError, match=r"augment='jitter' needs images, but dataset 'reverse_tiny' has int32"):
+  config.rows.teacher.data.augment = "jitter"
+  with pytest.raises(ValueError, match=r"data.augment='jitter' needs images, but dataset 'reverse_tiny' has int32"):
     train.run(config, str(tmp_path))
 
 

@@ -45,7 +45,7 @@ def method_terms(method: str) -> dict:
 def _recipe():
   return dict(optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
               schedule={"name": "step", "boundaries": [60, 120, 160], "factor": 0.2}, epochs=200,
-              augment="crop_flip")
+              data={"augment": "crop_flip"})
 
 
 def get_config(rows: str = ""):

@@ -20,8 +20,8 @@ with no factor there: the `-b` of their commands multiplies only the main stage'
 term, which is zero for AB and FSP; AB's stages weighted 2^(i-n+1) x 3/1000 as its
 `ABLoss`, FSP's matrices averaged as its `FSP`; FT's paraphraser at lr
 0.01 for ResNet/WRN students, else the student's rate), a row `..._init` that
-the method row continues with `init_from`. FT's `_init` row trains only its
-paraphraser (rate 0.5, no BN; `freeze=["student"]`) on the reconstruction of
+the method row continues with `init`. FT's `_init` row trains only its
+paraphraser (rate 0.5, no BN; `optimizer.freeze=["student"]`) on the reconstruction of
 the teacher's last feature map; the `ft` row restores it from there (term params
 travel with `final/`), keeps it frozen and trains the student with the
 translator (rate 0.5, BN) on RepDistiller's factor (`factor="repdistiller"`).
@@ -156,7 +156,7 @@ def _recipe(student: str, epochs: int = 240):
   sgd = {"name": "sgd", "learning_rate": 0.01 if _small(student) else 0.05, "momentum": 0.9, "weight_decay": 5e-4}
   steps = {"name": "step", "boundaries": [150 * epochs / 240, 180 * epochs / 240, 210 * epochs / 240],
            "factor": 0.1}
-  return dict(optimizer=sgd, schedule=steps, epochs=epochs, augment="crop_flip")
+  return dict(optimizer=sgd, schedule=steps, epochs=epochs, data={"augment": "crop_flip"})
 
 
 # Each student's classifier (its top-level param module), frozen in the AB and FSP init stages: RepDistiller's
@@ -173,7 +173,7 @@ def _init_recipe(method: str, student: str):
   resnet_like = student.startswith(("resnet", "wrn"))
   lr = 0.01 if (method == "ft" and resnet_like) or _small(student) else 0.05
   sgd = {"name": "sgd", "learning_rate": lr, "momentum": 0.9, "weight_decay": 5e-4}
-  return dict(optimizer=sgd, schedule={"name": "constant"}, epochs=INIT_EPOCHS, augment="crop_flip")
+  return dict(optimizer=sgd, schedule={"name": "constant"}, epochs=INIT_EPOCHS, data={"augment": "crop_flip"})
 
 
 def get_config(rows: str = ""):
@@ -193,10 +193,12 @@ def get_config(rows: str = ""):
       name = f"{teacher}__{student}__{method}"
       common = dict(model=student, teacher=f"teacher__{teacher}", paper=figures[index] or "")
       if method in ("ab", "fsp", "ft"):
+        recipe = _init_recipe(method, student)
+        freeze = ["student"] if method == "ft" else [f"student/{classifier(student)}"]
         c.rows[f"{name}_init"] = row(terms=method_terms(f"{method}_init", teacher, student),
-                                     **{**common, "paper": ""}, **_init_recipe(method, student),
-                                     freeze=["student"] if method == "ft" else [f"student/{classifier(student)}"])
-        common["init_from"] = f"{name}_init"
+                                     **{**common, "paper": "", **recipe,
+                                        "optimizer": {**recipe["optimizer"], "freeze": freeze}})
+        common["init"] = {"from": f"{name}_init"}
       c.rows[name] = row(terms=method_terms(method, teacher, student), **common, **_recipe(student))
   if rows:
     from kd_jax.train.tables import select_rows

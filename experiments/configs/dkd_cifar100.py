@@ -73,7 +73,7 @@ def _recipe(student: str):
   small = student.startswith(("MobileNet", "Shuffle"))
   sgd = {"name": "sgd", "learning_rate": 0.01 if small else 0.05, "momentum": 0.9, "weight_decay": 5e-4}
   return dict(optimizer=sgd, schedule={"name": "step", "boundaries": [150, 180, 210], "factor": 0.1}, epochs=240,
-              augment="crop_flip")
+              data={"augment": "crop_flip"})
 
 
 def get_config(rows: str = ""):

@@ -27,7 +27,7 @@ from kd_jax.train import row
 def get_config(rows: str = ""):
   c = mnist_table()
   common = dict(model="mlp_800", optimizer={"name": "adam", "learning_rate": 1e-3}, schedule={"name": "cosine"},
-                epochs=60, peers=2, exchange="predictions")
+                epochs=60, peers={"count": 2, "exchange": "predictions"})
   dml = {"ce": {}, "dml": {"temperature": 1.0}}
   c.rows.dml = row(terms=dml, **common)
   c.rows.afd = row(terms={**dml, "afd": {"weight": 0.1, "feature": "pre_logits", "hidden": [64], "kind": "lsgan",

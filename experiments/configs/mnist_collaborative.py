@@ -36,7 +36,7 @@ def get_config(rows: str = ""):
   adam = dict(optimizer={"name": "adam", "learning_rate": 1e-3}, schedule={"name": "cosine"}, epochs=60)
   sgd = dict(optimizer={"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
              schedule={"name": "cosine"}, epochs=20)
-  peers = dict(model="mlp_800", peers=2, exchange="predictions", **adam)
+  peers = dict(model="mlp_800", peers={"count": 2, "exchange": "predictions"}, **adam)
 
   c.rows.student = row(model="mlp_800", terms={"ce": {}}, **adam)
   c.rows.kdcl = row(terms={"ce": {}, "kdcl": {"temperature": 2.0, "ensemble": "mean"}}, **peers)

@@ -49,36 +49,37 @@ def get_config(rows: str = ""):
   common = dict(optimizer=adam, schedule=cosine, epochs=epochs)
   student = dict(model="mlp_800", **common)
   # Rows that read only the teacher's logits on un-augmented inputs compute them once (the teacher cache).
-  cached = dict(cache_teacher=True)
+  cached = lambda name: {"row": name, "cache": True}
   kd = {"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}}
 
-  c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, augment="jitter", max_norm=3.5, paper=67,
-                       **{**common, "epochs": TEACHER_EPOCHS})
+  c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, data={"augment": "jitter"}, paper=67,
+                       optimizer={**adam, "max_norm": 3.5}, schedule=cosine, epochs=TEACHER_EPOCHS)
   c.rows.student = row(terms={"ce": {}}, paper=146, **student)
-  c.rows.kd = row(teacher="teacher", terms=kd, paper=74, **cached, **student)
-  c.rows.logit_mse = row(teacher="teacher", terms={"ce": {"weight": 0.1}, "logit_mse": {"weight": 1.0}}, **cached,
+  c.rows.kd = row(teacher=cached("teacher"), terms=kd, paper=74, **student)
+  c.rows.logit_mse = row(teacher=cached("teacher"), terms={"ce": {"weight": 0.1}, "logit_mse": {"weight": 1.0}},
                          **student)
-  c.rows.dkd = row(teacher="teacher", **cached, **student, terms={
+  c.rows.dkd = row(teacher=cached("teacher"), **student, terms={
       "ce": {}, "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": epochs // 5}})
   c.rows.fitnets_hint = row(model="mlp_800", teacher="teacher", optimizer=adam, schedule=cosine,
                             epochs=max(1, epochs // 6),
                             terms={"hint": {"student_feature": "stage1", "teacher_feature": "stage1"}})
-  c.rows.fitnets = row(teacher="teacher", init_from="fitnets_hint", terms=kd, **cached, **student)
-  c.rows.dml = row(peers=2, exchange="predictions", terms={"ce": {}, "dml": {"temperature": 1.0}}, **student)
-  c.rows.codistill = row(peers=2, exchange="stale", exchange_every_steps=200, **student,
+  c.rows.fitnets = row(teacher=cached("teacher"), init={"from": "fitnets_hint"}, terms=kd, **student)
+  c.rows.dml = row(peers={"count": 2, "exchange": "predictions"}, terms={"ce": {}, "dml": {"temperature": 1.0}},
+                   **student)
+  c.rows.codistill = row(peers={"count": 2, "exchange": "stale", "every_steps": 200}, **student,
                          terms={"ce": {}, "codistill": {"temperature": 1.0, "start_epoch": 2}})
   c.rows.one = row(model="one", model_kwargs={"base": "mlp_800", "branches": 3}, terms={"one": {"temperature": 3.0}},
                    **common)
-  c.rows.ban_gen1 = row(teacher="student", terms=kd, **cached, **student)
-  c.rows.ban_gen2 = row(teacher="ban_gen1", terms=kd, ensemble_with=["student", "ban_gen1"], **cached, **student)
-  c.rows.takd_assistant = row(model="mlp", model_kwargs={"widths": [1000, 1000]}, teacher="teacher", terms=kd,
-                              **cached, **common)
-  c.rows.takd = row(teacher="takd_assistant", terms=kd, **cached, **student)
+  c.rows.ban_gen1 = row(teacher=cached("student"), terms=kd, **student)
+  c.rows.ban_gen2 = row(teacher=cached("ban_gen1"), terms=kd, ensemble_with=["student", "ban_gen1"], **student)
+  c.rows.takd_assistant = row(model="mlp", model_kwargs={"widths": [1000, 1000]}, teacher=cached("teacher"), terms=kd,
+                              **common)
+  c.rows.takd = row(teacher=cached("takd_assistant"), terms=kd, **student)
   c.rows.tfkd = row(terms={"ce": {"weight": 0.1}, "tfkd": {"weight": 0.9, "correct_probability": 0.9,
                                                            "temperature": 20.0}}, **student)
-  c.rows.wd_generate = row(model="mlp_800", teacher="teacher", weight_generator=True, terms=kd, optimizer=adam,
-                           schedule=cosine, epochs=max(1, epochs // 6))
-  c.rows.wd = row(teacher="teacher", init_from="wd_generate", terms=kd, **cached, **student)
+  c.rows.wd_generate = row(model="mlp_800", teacher={"row": "teacher", "generator": r"layers_(\d+)"}, terms=kd,
+                           optimizer=adam, schedule=cosine, epochs=max(1, epochs // 6))
+  c.rows.wd = row(teacher=cached("teacher"), init={"from": "wd_generate"}, terms=kd, **student)
   if rows:
     from kd_jax.train.tables import select_rows
     select_rows(c, rows)

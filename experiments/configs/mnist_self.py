@@ -7,7 +7,7 @@ last partial batch of each epoch's permutation is dropped (60000 = 468 x 128 + 9
   student                   784-800-800-10 trained alone (the reference)
   snapshot_c1..snapshot_c4  Yang, Xie, Qiao & Yuille 2019, snapshot distillation: one run of 4 cosine cycles
                             of 15 epochs (the student's 60), a stage recipe: cycle k starts from the weights
-                            at the end of cycle k-1 (`init_from`) with the learning rate restarted, and that
+                            at the end of cycle k-1 (`init`) with the learning rate restarted, and that
                             snapshot is its teacher (`teacher`, KD at T=4 plus CE); cycle 1 is CE alone.
                             snapshot_c4 is the result. `snapshot_rows` builds the chain for any cycle count.
   exits_ce                  the 784-800-800-800-10 MLP with early exits (linear classifiers) on hidden
@@ -47,15 +47,16 @@ def snapshot_rows(c, *, prefix: str = "snapshot", cycles: int, epochs_per_cycle:
   their names. Each row is one cycle with its own schedule (row_kwargs' `schedule`, e.g. cosine: the
   learning rate restarts at every cycle); cycle k > 1 starts from cycle k-1's final weights and learns from
   them as its teacher with `kd_terms`; cycle 1 trains with `first_terms` (CE alone by default). The cycles
-  read the batches of one run (`data_start_epoch`: cycle k those of epochs (k-1)·epochs_per_cycle onward).
+  read the batches of one run (`data.start_epoch`: cycle k those of epochs (k-1)·epochs_per_cycle onward).
   The optimizer state (e.g. Adam's moments) starts afresh at each cycle, with its restarted schedule."""
   if cycles < 2:
     raise ValueError(f"snapshot_rows: snapshot distillation needs at least 2 cycles, got {cycles}")
   names = [f"{prefix}_c{k}" for k in range(1, cycles + 1)]
   c.rows[names[0]] = row(terms=dict(first_terms or {"ce": {}}), epochs=epochs_per_cycle, **row_kwargs)
   for k, (previous, name) in enumerate(zip(names, names[1:]), start=1):
-    c.rows[name] = row(terms=dict(kd_terms), teacher=previous, init_from=previous, epochs=epochs_per_cycle,
-                       cache_teacher=cache_teacher, data_start_epoch=k * epochs_per_cycle, **row_kwargs)
+    c.rows[name] = row(terms=dict(kd_terms), teacher={"row": previous, "cache": cache_teacher},
+                       init={"from": previous}, epochs=epochs_per_cycle,
+                       data={"start_epoch": k * epochs_per_cycle}, **row_kwargs)
   return names
 
 

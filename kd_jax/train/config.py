@@ -4,7 +4,7 @@ A config is one table: shared settings (seed, data, mesh, logging) and `rows`,
 each a named training run (model, loss terms, teacher, optimizer, schedule,
 epochs). A row's `teacher` names another row (trained first, in the same
 workdir) or the directory of a trained model (`<workdir>/<row>/final`).
-Multi-stage recipes are rows chained by `init_from` (FitNets: a hint stage,
+Multi-stage recipes are rows chained by `init` (FitNets: a hint stage,
 then KD from its weights), each stage with its own optimizer and epochs.
 `config.epochs`, when > 0, overrides every row's epochs (`--config.epochs=3`
 for a quick run of a whole table); `config.max_steps`, when > 0, stops every
@@ -57,71 +57,74 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], teacher: str = "",
-        model_kwargs: Mapping[str, Any] | None = None, optimizer: Mapping[str, Any] | None = None,
-        schedule: Mapping[str, Any] | None = None, augment: str = "none", max_norm: float = 0.0,
-        peers: int = 1, exchange: str = "none", exchange_every_steps: int = 1, epochs: int = 0,
-        init_from: str = "", ensemble_with: Sequence[str] = (), cache_teacher: bool = False,
-        weight_generator: bool = False, layer_pattern: str = r"layers_(\d+)",
-        freeze: Sequence[str] = (), data_start_epoch: int = 0, init_partial: bool = False,
-        labelled_examples: int = 0, unlabelled: str = "keep", teacher_input: str = "augmented",
-        paper: float | str = "") -> ml_collections.ConfigDict:
-  """One row of a table. `paper` is the paper's figure for the report (e.g. test errors).
+# The options of a row's groups and their defaults; a key outside them is a ConfigError (row() and validate).
+TEACHER = {"row": "", "input": "augmented", "cache": False, "generator": ""}
+PEERS = {"count": 1, "exchange": "none", "every_steps": 1}
+DATA = {"augment": "none", "start_epoch": 0, "labelled_examples": 0, "unlabelled": "keep"}
+INIT = {"from": "", "partial": False}
+OPTIMIZER = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+             "max_norm": 0.0, "freeze": []}
+SCHEDULE = {"name": "constant", "boundaries": [], "factor": 0.1, "warmup_epochs": 0.0}
 
-  peers: K models trained together (online methods: DML, co-distillation), laid
-    out on the mesh axis "replica". exchange: "predictions" (every step, the
-    peers' predictions on a shared batch) or "stale" (each peer on its own data,
-    distilling from copies of the others refreshed every `exchange_every_steps`).
+
+def _group(name: str, value: Any, defaults: Mapping[str, Any], shorthand: str = "") -> dict[str, Any]:
+  """`defaults` updated with `value` (a mapping, or the value of the `shorthand` key); unknown keys refused."""
+  given = dict(value) if isinstance(value, Mapping) else ({shorthand: value} if shorthand else value)
+  if not isinstance(given, dict):
+    raise ConfigError(f"row option {name!r} must be a mapping, got {value!r}")
+  _check_keys(given, defaults, f"{name}.")
+  return {**defaults, **given}
+
+
+def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], model_kwargs: Mapping[str, Any] | None = None,
+        teacher: str | Mapping[str, Any] = "", peers: int | Mapping[str, Any] = 1,
+        optimizer: Mapping[str, Any] | None = None, schedule: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None, init: Mapping[str, Any] | None = None, epochs: int = 0,
+        ensemble_with: Sequence[str] = (), paper: float | str = "") -> ml_collections.ConfigDict:
+  """One row of a table: a model trained on loss `terms`, from what `teacher` or `peers` give.
+
+  teacher: a row of the table (trained first) or a trained model's directory, or
+    {"row": that, "input": "augmented" (the student's view, as KD needs) or "clean" (the
+    un-augmented image: Noisy Student's un-noised teacher), "cache": compute its logits on
+    the train set once and read them each step (a teacher that sees un-augmented inputs),
+    "generator": weight distillation's phase 1 — train a generator of the student's weights
+    from the teacher's; the value is the regex finding a layer index in a param path, "" off}.
+  peers: K models trained together (online methods), laid out on the mesh axis "replica",
+    or {"count": K, "exchange": "predictions" (every step, the peers' predictions on a shared
+    batch: DML) or "stale" (each peer on its own data, distilling from copies of the others
+    refreshed every "every_steps": co-distillation)}.
+  optimizer: {"name", "learning_rate", ... (optim.py), "max_norm": cap on each unit's incoming
+    weights after every update (Hinton et al.'s dropout nets; 0: off), "freeze": params the
+    optimizer leaves unchanged — "student", "student/<module>[/...]" (the teacher's blocks of a
+    progressive-blockwise hybrid), "terms" or "terms/<term>[/<param>...]" (a stage that trains
+    only a connector: FT's paraphraser stage freezes "student"); a term's own `frozen_params`
+    are frozen without being listed and must come from init}.
+  schedule: {"name", "boundaries", "factor", "warmup_epochs", ...}, in epochs.
+  data: {"augment": "none" / "jitter" / "crop_flip", "start_epoch": the row's batches are those
+    of epochs start_epoch, start_epoch + 1, ... of the data order (snapshot distillation's cycle
+    k continues where cycle k-1 stopped), "labelled_examples": N > 0 makes only a fixed subset of
+    N training examples labelled (a pure function of config.seed), "unlabelled": "drop" trains
+    on those N only, "keep" on all with a float mask "labelled" [B] the "ce" term applies}.
+  init: {"from": a row (or trained-model directory) whose weights start this row, with the loss
+    terms' params and connector state of the same name and shape (FT's paraphraser),
+    "partial": take each param of the same path and shape only (the others keep their fresh
+    init: a progressive-blockwise stage, a residual assistant joining a trained student)}.
   epochs: this row's epochs (unless config.epochs > 0 overrides all rows).
-  init_from: a row (or trained-model directory) whose weights start this row;
-    the loss terms' params (and connector state) saved with it are restored too
-    where this row has a term param of the same name and shape (FT's paraphraser).
-  freeze: params the optimizer leaves unchanged (no update, no weight decay):
-    "student", "student/<module>[/...]" (part of the model: the teacher's blocks
-    of a progressive-blockwise hybrid), "terms", or "terms/<term>[/<param>...]"
-    (a stage row that trains only a connector: FT's paraphraser stage freezes
-    "student"). A term's own
-    frozen params (`frozen_params`, e.g. FT's paraphraser in its transfer stage)
-    are frozen without being listed, and must come from init_from.
-  init_partial: init_from may hold another model: each of this row's model params
-    (and BatchNorm statistics) with the same path and shape there is taken from it,
-    the others keep their fresh init (a progressive-blockwise stage starts from the
-    teacher's or the previous stage's blocks; a residual assistant joins a trained student).
-  labelled_examples: N > 0 makes only a fixed subset of N training examples labelled
-    (a pure function of config.seed, `kd_jax.data.labelled_subset`); with
-    unlabelled="drop" the row trains on those N examples only, with "keep" on all
-    examples, each batch carrying a float mask "labelled" [B] that the "ce" term
-    applies (semi-supervised rows: Noisy Student's CE on labelled, pseudo-labels on all).
+  ensemble_with: rows whose models are ensembled with this one at the end (born-again networks).
+  paper: the paper's figure for the report (e.g. test errors).
   checkpoint (set by override, not an argument): a trained model directory this row stands for; the row
     is then evaluated, never trained, and later rows that name it use that model.
-  ensemble_with: rows whose models are ensembled with this one at the end
-    (born-again networks' ensemble of generations).
-  cache_teacher: compute the teacher's logits on the train set once and read
-    them each step (logit methods whose teacher sees un-augmented inputs).
-  teacher_input: what the teacher sees: "augmented" (the student's own augmented
-    view, as KD needs) or "clean" (the un-augmented image, while the student sees the
-    augmented one: Noisy Student's un-noised teacher; such a teacher can be cached).
-  data_start_epoch: the row's batches are those of epochs data_start_epoch, data_start_epoch + 1, ... of
-    the data order (a stage recipe that continues one run: snapshot distillation's cycle k starts at the
-    epoch where cycle k-1 stopped, rather than repeat its batches).
-  weight_generator: weight distillation's phase 1: train a generator of the
-    student's weights from the teacher's (kd_jax.distill.weight_distillation);
-    `layer_pattern` finds the layer index in a param path.
   """
-  opt = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
-  opt.update(optimizer or {})
-  sched = {"name": "constant", "boundaries": [], "factor": 0.1, "warmup_epochs": 0.0}
-  sched.update(schedule or {})
   return ml_collections.ConfigDict({
-      "model": model, "model_kwargs": dict(model_kwargs or {}), "teacher": teacher,
-      "terms": {k: dict(v) for k, v in terms.items()}, "optimizer": opt, "schedule": sched,
-      "augment": augment, "max_norm": float(max_norm), "peers": peers,
-      "exchange": {"mode": exchange, "every_steps": exchange_every_steps}, "epochs": epochs,
-      "init_from": init_from, "ensemble_with": list(ensemble_with), "cache_teacher": cache_teacher,
-      "weight_generator": {"enabled": weight_generator, "layer_pattern": layer_pattern},
-      "freeze": list(freeze), "data_start_epoch": data_start_epoch, "init_partial": bool(init_partial),
-      "labelled_examples": int(labelled_examples), "unlabelled": unlabelled,
-      "teacher_input": teacher_input,
+      "model": model, "model_kwargs": dict(model_kwargs or {}),
+      "terms": {k: dict(v) for k, v in terms.items()},
+      "teacher": _group("teacher", teacher, TEACHER, "row"),
+      "peers": _group("peers", peers, PEERS, "count"),
+      "optimizer": _group("optimizer", optimizer or {}, OPTIMIZER),
+      "schedule": _group("schedule", schedule or {}, SCHEDULE),
+      "data": _group("data", data or {}, DATA),
+      "init": _group("init", init or {}, INIT),
+      "epochs": epochs, "ensemble_with": list(ensemble_with),
       "paper": str(paper),  # text, so a table can mix numbers and notes
       # A trained model (a kd_jax row directory, its final/, or a converted teacher) this row stands for:
       # restored and evaluated, never trained (--config.rows.<row>.checkpoint=<dir>).
@@ -177,45 +180,39 @@ def _validate_row(config: ml_collections.ConfigDict, name: str) -> None:
   """The keys and values of row `name` that can be checked without the data."""
   from kd_jax import distill, models  # local: keeps config importable on its own
 
-  r, example = config.rows[name], row(model="mlp", terms={"ce": {}})
-  _check_keys(r, example, f"rows.{name}.")
-  _check_keys(r.optimizer, example.optimizer, f"rows.{name}.optimizer.")
-  _check_keys(r.schedule, example.schedule, f"rows.{name}.schedule.")
-  _check_keys(r.exchange, example.exchange, f"rows.{name}.exchange.")
-  _check_keys(r.weight_generator, example.weight_generator, f"rows.{name}.weight_generator.")
+  r, example, key = config.rows[name], row(model="mlp", terms={"ce": {}}), f"rows.{name}"
+  _check_keys(r, example, f"{key}.")
+  for group in ("teacher", "peers", "optimizer", "schedule", "data", "init"):
+    _check_keys(r[group], example[group], f"{key}.{group}.")
   try:
     models.spec(r.model)  # unknown model: error listing the known ones
   except ValueError as e:
-    raise ConfigError(f"rows.{name}.model: {e}") from None
+    raise ConfigError(f"{key}.model: {e}") from None
   terms = r.terms.to_dict() if hasattr(r.terms, "to_dict") else dict(r.terms)
   try:  # unknown term names and options, non-numeric weights: before anything trains
     distill.Objective(terms)
   except ValueError as e:
-    raise ConfigError(f"rows.{name}.terms: {e}") from e
-  for path in r.get("freeze", ()):
+    raise ConfigError(f"{key}.terms: {e}") from e
+  for path in r.optimizer.freeze:
     parts = str(path).split("/")
     if parts[0] not in ("student", "terms") or (parts[0] == "terms" and len(parts) > 1 and parts[1] not in terms):
-      raise ConfigError(f"rows.{name}.freeze: {path!r} names no params of the row; use 'student', "
-                       f"'student/<module>[/...]', 'terms' or 'terms/<term>[/...]' with a term of the row "
-                       f"({sorted(terms)})")
-  if r.get("labelled_examples", 0) < 0:
-    raise ConfigError(f"rows.{name}.labelled_examples must be >= 0 (0: every example labelled), got "
-                     f"{r.labelled_examples}")
-  if r.get("unlabelled", "keep") not in ("keep", "drop"):
-    raise ConfigError(f"rows.{name}.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
-                     f"or 'drop' (train on the labelled ones only), got {r.unlabelled!r}")
-  if r.get("teacher_input", "augmented") not in ("augmented", "clean"):
-    raise ConfigError(f"rows.{name}.teacher_input must be 'augmented' (the student's view) or 'clean' (the "
-                     f"un-augmented image), got {r.teacher_input!r}")
-  if r.get("init_partial", False) and not r.init_from:
-    raise ConfigError(f"rows.{name}.init_partial is set but rows.{name}.init_from is empty")
-  start = r.get("data_start_epoch", 0)
-  if not isinstance(start, int) or start < 0:
-    raise ConfigError(f"rows.{name}.data_start_epoch must be a non-negative int, got {start!r}")
-  if r.teacher == name:
+      raise ConfigError(f"{key}.optimizer.freeze: {path!r} names no params of the row; use 'student', "
+                        f"'student/<module>[/...]', 'terms' or 'terms/<term>[/...]' with a term of the row "
+                        f"({sorted(terms)})")
+  if r.data.labelled_examples < 0:
+    raise ConfigError(f"{key}.data.labelled_examples must be >= 0 (0: every example labelled), got "
+                      f"{r.data.labelled_examples}")
+  if r.data.unlabelled not in ("keep", "drop"):
+    raise ConfigError(f"{key}.data.unlabelled must be 'keep' (train on all examples, CE on the labelled ones) "
+                      f"or 'drop' (train on the labelled ones only), got {r.data.unlabelled!r}")
+  if r.init.partial and not r.init["from"]:
+    raise ConfigError(f"{key}.init.partial is set but {key}.init.from is empty")
+  if not isinstance(r.data.start_epoch, int) or r.data.start_epoch < 0:
+    raise ConfigError(f"{key}.data.start_epoch must be a non-negative int, got {r.data.start_epoch!r}")
+  if r.teacher.row == name:
     raise ConfigError(f"row {name!r} names itself as its teacher")
-  if row_epochs(config, name) < 1:
-    raise ConfigError(f"row {name!r} has no epochs: set rows.{name}.epochs or config.epochs")
+  if row_epochs(config, name) < 1 and not r.get("checkpoint", ""):
+    raise ConfigError(f"row {name!r} has no epochs: set {key}.epochs or config.epochs")
   for other in r.ensemble_with:
     if other not in config.rows:
       raise ConfigError(f"row {name!r}: ensemble_with names {other!r}, which is not a row of this config")
@@ -228,7 +225,7 @@ def row_epochs(config: ml_collections.ConfigDict, name: str) -> int:
 def dependencies(config: ml_collections.ConfigDict, name: str) -> list[str]:
   """The rows that must be trained before row `name`."""
   r = config.rows[name]
-  return [d for d in [r.teacher, r.init_from, *r.ensemble_with] if d in config.rows]
+  return [d for d in [r.teacher.row, r.init["from"], *r.ensemble_with] if d in config.rows]
 
 
 def row_order(config: ml_collections.ConfigDict) -> list[str]:

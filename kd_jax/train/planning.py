@@ -121,43 +121,43 @@ def _choice(value, allowed, key: str):
 
 
 def _source(row, name: str, objective: Objective, *, has_teacher: bool) -> sources_lib.Source | None:
-  """The row's source, from `teacher`, `teacher_input`, `cache_teacher`, `peers` and `exchange`."""
-  key = f"rows.{name}"
-  exchange = _choice(row.exchange.mode, EXCHANGES, f"{key}.exchange.mode")
-  teacher_input = _choice(row.get("teacher_input", "augmented"), TEACHER_INPUTS, f"{key}.teacher_input")
-  if not isinstance(row.peers, int) or row.peers < 1:
-    raise ConfigError(f"{key}.peers must be an int >= 1, got {row.peers!r}")
-  if exchange != "none" and row.peers < 2:
-    raise ConfigError(f"{key}.exchange.mode={exchange!r} needs at least 2 peers, got peers={row.peers}")
-  if exchange == "none" and (objective.needs_peers or row.peers > 1):
+  """The row's source, from its `teacher` and `peers` groups."""
+  key, teacher, peers = f"rows.{name}", row.teacher, row.peers
+  exchange = _choice(peers.exchange, EXCHANGES, f"{key}.peers.exchange")
+  _choice(teacher.input, TEACHER_INPUTS, f"{key}.teacher.input")
+  if not isinstance(peers.count, int) or peers.count < 1:
+    raise ConfigError(f"{key}.peers.count must be an int >= 1, got {peers.count!r}")
+  if exchange != "none" and peers.count < 2:
+    raise ConfigError(f"{key}.peers.exchange={exchange!r} needs at least 2 peers, got peers.count={peers.count}")
+  if exchange == "none" and (objective.needs_peers or peers.count > 1):
     raise ConfigError(f"{key}: an online term (e.g. 'dml', 'codistill') or peers > 1 needs peers >= 2 and "
-                      f"exchange.mode 'predictions' or 'stale', got peers={row.peers}, exchange.mode='none'")
+                      f"peers.exchange 'predictions' or 'stale', got count={peers.count}, exchange='none'")
   if exchange != "none" and (has_teacher or objective.needs_teacher):
-    raise ConfigError(f"{key}: a row learns from a teacher or from its peers (exchange.mode={exchange!r}), "
+    raise ConfigError(f"{key}: a row learns from a teacher or from its peers (peers.exchange={exchange!r}), "
                       "not both")
   if objective.needs_teacher and not has_teacher:
-    raise ConfigError(f"{key} uses a teacher (terms {list(row.terms)}) but {key}.teacher is empty")
-  if row.cache_teacher and not has_teacher:
-    raise ConfigError(f"{key}.cache_teacher is set but the row has no teacher")
-  if row.cache_teacher and row.augment != "none" and teacher_input != "clean":
-    raise ConfigError(f"{key}.cache_teacher needs un-augmented teacher inputs, but augment={row.augment!r}: "
-                      "the teacher must see each step's random augmentation (or set teacher_input='clean')")
-  every = row.exchange.every_steps
-  if not isinstance(every, int) or every < 1:
-    raise ConfigError(f"{key}.exchange.every_steps must be an int >= 1, got {every!r}")
+    raise ConfigError(f"{key} uses a teacher (terms {list(row.terms)}) but {key}.teacher.row is empty")
+  if teacher.cache and not has_teacher:
+    raise ConfigError(f"{key}.teacher.cache is set but the row has no teacher")
+  if teacher.cache and row.data.augment != "none" and teacher.input != "clean":
+    raise ConfigError(f"{key}.teacher.cache needs un-augmented teacher inputs, but data.augment="
+                      f"{row.data.augment!r}: the teacher must see each step's random augmentation (or set "
+                      "teacher.input='clean')")
+  if not isinstance(peers.every_steps, int) or peers.every_steps < 1:
+    raise ConfigError(f"{key}.peers.every_steps must be an int >= 1, got {peers.every_steps!r}")
   if exchange == "predictions":
-    return sources_lib.create("peers", peers=row.peers)
+    return sources_lib.create("peers", peers=peers.count)
   if exchange == "stale":
-    return sources_lib.create("stale_peers", peers=row.peers, every_steps=every)
-  if row.cache_teacher:
+    return sources_lib.create("stale_peers", peers=peers.count, every_steps=peers.every_steps)
+  if teacher.cache:
     return sources_lib.create("teacher_cache")
-  return sources_lib.create("teacher", input=teacher_input) if has_teacher else None
+  return sources_lib.create("teacher", input=teacher.input) if has_teacher else None
 
 
 def _frozen(row, name: str, objective: Objective, student: nn.Module, dataset) -> tuple[tuple[str, ...], ...]:
   """Param paths the optimizer leaves alone: the row's `freeze` (checked against the model's params) and
   the terms' own `frozen_params`."""
-  paths = [tuple(str(p).split("/")) for p in row.get("freeze", ())]
+  paths = [tuple(str(p).split("/")) for p in row.optimizer.freeze]
   model_paths = None
   for f in paths:
     if f[0] == "student" and len(f) > 1:
@@ -167,7 +167,7 @@ def _frozen(row, name: str, objective: Objective, student: nn.Module, dataset) -
         model_paths = [tuple(str(getattr(k, "key", k)) for k in path)
                        for path, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]]
       if not any(p[:len(f) - 1] == f[1:] for p in model_paths):
-        raise ConfigError(f"rows.{name}.freeze: {'/'.join(f)!r} names no params of the model; its top-level "
+        raise ConfigError(f"rows.{name}.optimizer.freeze: {'/'.join(f)!r} names no params of the model; its top-level "
                           f"modules are {sorted({p[0] for p in model_paths})}")
   for term_name, term in objective.terms.items():
     paths += [("terms", term_name, key) for key in getattr(term, "frozen_params", ())]
@@ -193,12 +193,12 @@ def _check_data(config, row, name: str, dataset, mesh_shape) -> None:
   if config.data.batch_size % data:
     raise ConfigError(f"data.batch_size {config.data.batch_size} is not divisible by the {data} devices of "
                       f"mesh axis 'data'; use a multiple of {data}")
-  if row.peers % replica:
-    raise ConfigError(f"row {name!r}: {row.peers} peers cannot be spread over mesh.replica={replica} replica "
-                      f"groups; use a divisor of {row.peers} (or 1)")
-  _choice(row.augment, augment_lib.KINDS, f"rows.{name}.augment")
-  if input_dtype(dataset) != np.uint8 and row.augment != "none":
-    raise ConfigError(f"rows.{name}.augment={row.augment!r} needs images, but dataset {dataset.name!r} has "
+  if row.peers.count % replica:
+    raise ConfigError(f"row {name!r}: {row.peers.count} peers cannot be spread over mesh.replica={replica} replica "
+                      f"groups; use a divisor of {row.peers.count} (or 1)")
+  _choice(row.data.augment, augment_lib.KINDS, f"rows.{name}.data.augment")
+  if input_dtype(dataset) != np.uint8 and row.data.augment != "none":
+    raise ConfigError(f"rows.{name}.data.augment={row.data.augment!r} needs images, but dataset {dataset.name!r} has "
                       f"{input_dtype(dataset)} inputs, not uint8 images; use augment='none'")
   expected = models.input_shape(row.model)
   if expected is not None and expected != dataset.input_shape:
@@ -235,27 +235,28 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
     raise ConfigError(f"unknown row {name!r}; rows: {list(config.rows)}")
   row = config.rows[name]
   _check_data(config, row, name, dataset, mesh_shape)
-  count = row.get("labelled_examples", 0)
-  num_train = count if count and row.unlabelled == "drop" else dataset.num_train
+  count = row.data.labelled_examples
+  num_train = count if count and row.data.unlabelled == "drop" else dataset.num_train
   steps_per_epoch = data_lib.steps_per_epoch(num_train, config.data.batch_size)
   epochs = config_lib.row_epochs(config, name)
   total_steps = epochs * steps_per_epoch
   objective = Objective(row.terms.to_dict() if hasattr(row.terms, "to_dict") else dict(row.terms),
                         steps_per_epoch=steps_per_epoch, num_train=num_train)
-  teacher = _model_dir(config, workdir, row.teacher)
+  teacher = _model_dir(config, workdir, row.teacher.row)
   source = _source(row, name, objective, has_teacher=bool(teacher))
-  generator = row.weight_generator.layer_pattern if row.weight_generator.enabled else ""
-  if generator and (not teacher or row.peers > 1 or row.cache_teacher):
-    raise ConfigError(f"rows.{name}.weight_generator needs a teacher (its weights are the generator's input; "
+  generator = row.teacher.generator
+  if generator and (not teacher or row.peers.count > 1 or row.teacher.cache):
+    raise ConfigError(f"rows.{name}.teacher.generator needs a teacher (its weights are the generator's input; "
                       "and a term that uses it, e.g. 'kd'), a single peer and no teacher cache")
   student = models.create(row.model, num_classes=dataset.num_classes, **model_kwargs(row))
+  optimizer_options = {k: v for k, v in row.optimizer.items() if k not in ("max_norm", "freeze")}
   try:
     schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
                                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.schedule: {e}") from None
   try:
-    optimizer = optim.make_optimizer(row.optimizer, schedule)
+    optimizer = optim.make_optimizer(optimizer_options, schedule)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.optimizer: {e}") from None
   frozen = _frozen(row, name, objective, student, dataset)
@@ -265,14 +266,14 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
       description={"model": row.model, "model_kwargs": model_kwargs(row), "num_classes": dataset.num_classes,
                    "input_shape": list(dataset.input_shape), "dataset": dataset.name},
       student=student, objective=objective, source=source, teacher=teacher, generator_pattern=generator,
-      init_from=_model_dir(config, workdir, row.init_from), init_partial=bool(row.get("init_partial", False)),
+      init_from=_model_dir(config, workdir, row.init["from"]), init_partial=bool(row.init.partial),
       ensemble_with=tuple(_model_dir(config, workdir, r) for r in row.ensemble_with), frozen=frozen,
       data=DataView(batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
-                    seed=config.seed, offset=row.get("data_start_epoch", 0) * steps_per_epoch,
-                    labelled=count, unlabelled=row.get("unlabelled", "keep"), augment=row.augment),
+                    seed=config.seed, offset=row.data.start_epoch * steps_per_epoch,
+                    labelled=count, unlabelled=row.data.unlabelled, augment=row.data.augment),
       normalize=normalizer(dataset), input_dtype=input_dtype(dataset), schedule=schedule,
-      optimizer=with_frozen(optimizer, frozen), max_norm=row.max_norm,
-      peers=row.peers, epochs=epochs, steps_per_epoch=steps_per_epoch,
+      optimizer=with_frozen(optimizer, frozen), max_norm=row.optimizer.max_norm,
+      peers=row.peers.count, epochs=epochs, steps_per_epoch=steps_per_epoch,
       stop_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
       compute_dtype=config.compute_dtype, rewrites=backend.ConvRewrites.default(),
       options=Options(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(Options)}),

@@ -2,7 +2,7 @@
 its result reports besides accuracy (ensembles of generations, each early exit's cost).
 
 A row's teacher is a trained model directory (model.json + weights: a row of the same table, or
-published elsewhere); a multi-stage recipe starts a row from an earlier row's weights (`init_from`),
+published elsewhere); a multi-stage recipe starts a row from an earlier row's weights (`init`),
 with the loss terms' connector params restored by name and shape.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def teacher_cache(teacher, variables, dataset, normalize, mesh, batch_size: int,
                   rewrites=None) -> jax.Array:
   """The teacher's logits on every training example, [N, classes], computed once."""
   if not hasattr(dataset, "train_images"):
-    raise ConfigError(f"row {row_name!r}: cache_teacher needs an in-memory dataset; {dataset.name!r} is streamed")
+    raise ConfigError(f"row {row_name!r}: teacher.cache needs an in-memory dataset; {dataset.name!r} is streamed")
   logits_fn = engine.make_teacher_logits(teacher, normalize, mesh, rewrites=rewrites)
   chunks = [logits_fn(variables, mesh_lib.put_batch(batch, mesh_lib.batch_sharding(mesh)))
             for batch in padded_split(dataset.train_images, dataset.train_labels, device_multiple(batch_size, mesh))]
@@ -102,7 +102,7 @@ def _restore_terms(saved: dict[str, Any], current: Any, *, peers: int, what: str
       return leaf
     value = np.asarray(flat_saved[key])
     if value.shape != tuple(leaf.shape[1:]):
-      log.warning("row %s: init_from's %s %s has shape %s, this row's %s: not restored", row_name, what,
+      log.warning("row %s: init's %s %s has shape %s, this row's %s: not restored", row_name, what,
                   "/".join(key), value.shape, tuple(leaf.shape[1:]))
       return leaf
     restored.append("/".join(key))
