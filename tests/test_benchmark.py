@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-pytest.importorskip("torch")
+from conftest import require_reference
+
+require_reference("torch", "the PyTorch side of the benchmark")
 
 from experiments import benchmark  # noqa: E402
 
