@@ -74,13 +74,13 @@ def _hand_loss(h, groups, batch_stats, term_state, teacher_variables, batch):
   """The row's objective for one peer, assembled from its parts: the student in training mode, the teacher in
   inference mode, the terms with their params and state. batch["rng"]: the key the objective draws from."""
   x = h.normalize(batch["image"])
-  (logits, features), _ = h.student.apply({"params": groups["student"], "batch_stats": batch_stats}, x, train=True,
-                                          return_features=True, mutable=["batch_stats"])
+  (logits, features), updates = h.student.apply({"params": groups["student"], "batch_stats": batch_stats}, x,
+                                                train=True, return_features=True, mutable=["batch_stats"])
   t_logits, t_features = h.teacher.apply(teacher_variables, x, train=False, return_features=True)
   term_params = {name.removeprefix("terms/"): tree for name, tree in groups.items() if name != "student"}
-  loss, _, _ = h.objective(term_params, term_state, Outputs(logits, features), Outputs(t_logits, t_features), batch,
-                           step=jnp.zeros((), jnp.int32))
-  return loss
+  loss, _, new_term_state = h.objective(term_params, term_state, Outputs(logits, features),
+                                        Outputs(t_logits, t_features), batch, step=jnp.zeros((), jnp.int32))
+  return loss, (updates["batch_stats"], new_term_state)
 
 
 def test_one_step_moves_every_param_group_by_the_hand_computed_sgd_update(connectors):
@@ -90,8 +90,8 @@ def test_one_step_moves_every_param_group_by_the_hand_computed_sgd_update(connec
   before = {name: _peer(tree) for name, tree in h.param_groups(state).items()}
   assert set(before) == {"student", "terms/hint", "terms/crd", "terms/ab", "terms/ft"}
   # Everything is an argument, not a closed-over constant: XLA would spend its time folding the teacher.
-  loss_and_grads = jax.jit(jax.value_and_grad(lambda *args: _hand_loss(h, *args)))
-  loss, grads = loss_and_grads(before, _peer(h.student_variables(state)["batch_stats"]), _peer(h.term_state(state)),
+  loss_and_grads = jax.jit(jax.value_and_grad(lambda *args: _hand_loss(h, *args), has_aux=True))
+  (loss, (batch_stats, term_state)), grads = loss_and_grads(before, _peer(h.student_variables(state)["batch_stats"]), _peer(h.term_state(state)),
                                h.teacher_variables, {**batch, "rng": h.objective_rngs(state)[0]})
   new_state, metrics = h.step(state, batch)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
@@ -115,6 +115,12 @@ def test_one_step_moves_every_param_group_by_the_hand_computed_sgd_update(connec
     assert moved.get(group, 0.0) > 0, f"{group}: no trained param moved"
   for group, top in FROZEN:
     assert top in {_path_names(p)[0] for p, _ in jax.tree_util.tree_flatten_with_path(before[group])[0]}
+  # The student's BatchNorm statistics and the terms' state (CRD's memory bank, the connectors' statistics)
+  # move on as the step's forward pass says.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, _peer(h.student_variables(new_state)["batch_stats"]), batch_stats)
+  assert set(term_state) == {"hint", "crd", "ab", "ft"}
+  jax.tree.map(close, _peer(h.term_state(new_state)), term_state)
 
 
 def test_eval_of_an_image_model_counts_padded_batches_once(connectors):
