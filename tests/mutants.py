@@ -37,7 +37,7 @@ class Mutant:
   file: str
   old: str
   new: str
-  tests: tuple[str, ...]
+  tests: tuple[str, ...]  # test files (or node ids), run in this order
 
 
 ENGINE = "kd_jax/train/engine.py"
@@ -102,7 +102,7 @@ MUTANTS = (
     Mutant("every stream reads the same order", "kd_jax/data/__init__.py",
            "key = [seed, epoch] + ([stream] if stream else [])",
            "key = [seed, epoch]",
-           ("tests/test_data.py", "tests/test_engine.py")),
+           ("tests/test_data.py", "tests/test_engine.py::test_stale_peers_each_read_their_own_data_order")),
     # Terms.
     Mutant("at's default p 2 -> 1", "kd_jax/distill/features.py",
            "teacher_features: Sequence[str] = (\"stage1\", \"stage2\", \"stage3\"), p: float = 2.0):",
