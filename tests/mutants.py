@@ -168,8 +168,10 @@ def _pytest(repo: str, tests, env) -> tuple[int, float, str]:
   start = time.time()
   proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", *tests], cwd=repo, env=env,
                         capture_output=True, text=True)
-  lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
-  return proc.returncode, time.time() - start, lines[-1] if lines else ""
+  lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+  # The test that failed (an ERROR is a crash at collection or setup, worth a look), then pytest's summary.
+  failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+  return proc.returncode, time.time() - start, "; ".join(failed[:1] + lines[-1:])
 
 
 def main(argv=None) -> int:
@@ -193,7 +195,8 @@ def main(argv=None) -> int:
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     if args.baseline:
       repo = _copy(ROOT, os.path.join(scratch, "baseline"))
-      tests = sorted({t for m in mutants for t in m.tests})
+      files = {t for m in mutants for t in m.tests if "::" not in t}
+      tests = sorted(files | {t for m in mutants for t in m.tests if t.split("::")[0] not in files})
       code, seconds, last = _pytest(repo, tests, env)
       print(f"baseline ({' '.join(tests)}): {'passed' if code == 0 else 'FAILED'} in {seconds:.0f} s: {last}",
             flush=True)
