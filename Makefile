@@ -8,7 +8,7 @@ export KD_JAX_DATA_DIR ?= $(abspath ../shared/data)
 # The CPU build of torch is pinned: a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all mutants venv clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(VENV)/.compare
 # Everything, the slow reproductions and multi-process runs included.
 test-all: $(VENV)/.compare
 	$(PY) -m pytest -q -m "" tests
+
+# Realistic bugs planted one at a time in a copy of the repo; each must make its tests fail (tests/mutants.py).
+mutants: $(VENV)/.compare
+	$(PY) tests/mutants.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

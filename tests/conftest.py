@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, strict numpy rank promotion, offline data."""
+"""Test setup: 8 fake CPU devices, strict numpy rank promotion, offline data, references that CI cannot skip."""
+import importlib
 import os
 import pathlib
 import shutil
@@ -28,8 +29,32 @@ if _SHARED_DATA.is_dir():
     os.environ.setdefault("KD_JAX_DATA_DIR", str(_SHARED_DATA))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# CI sets this (.ci/run): the independent references (torch, torchdistill, transformers) must then be
+# installed, and their parity tests run, rather than be skipped without anyone noticing.
+REQUIRE_REFERENCES = os.environ.get("KD_JAX_REQUIRE_REFERENCES", "") not in ("", "0")
+
+
+def require_reference(name: str, why: str = ""):
+  """`pytest.importorskip(name)`, but a failure where KD_JAX_REQUIRE_REFERENCES=1."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    message = f"reference {name!r} is not importable{f' ({why})' if why else ''}: {e}"
+    if REQUIRE_REFERENCES:
+      pytest.fail(f"{message}; KD_JAX_REQUIRE_REFERENCES is set, so its parity tests must run", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """An expected failure must say why and must fail when it starts passing (strict)."""
+  for item in items:
+    for mark in item.iter_markers("xfail"):
+      if not mark.kwargs.get("reason") or not mark.kwargs.get("strict", config.getini("xfail_strict")):
+        raise pytest.UsageError(f"{item.nodeid}: xfail needs a reason and strict=True")
 
 
 def pytest_sessionfinish(session):

@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-pytest.importorskip("torch")
+from conftest import require_reference
+
+require_reference("torch", "the PyTorch side of the benchmark")
 
 from experiments import benchmark  # noqa: E402
 from kd_jax.train import backend  # noqa: E402

@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchdistill")
+from conftest import require_reference
+
+torch = require_reference("torch")
+require_reference("torchdistill")
 
 import jax.numpy as jnp  # noqa: E402
 

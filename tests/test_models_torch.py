@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import REQUIRE_REFERENCES, require_reference
+
+torch = require_reference("torch")
 
 from kd_jax import models  # noqa: E402
 from third_party import torch_models  # noqa: E402
@@ -23,12 +25,14 @@ def torchvision_models():
   try:
     return torch_models.torchvision_models()
   except ImportError as e:
+    if REQUIRE_REFERENCES:
+      pytest.fail(f"torchvision unavailable but KD_JAX_REQUIRE_REFERENCES is set: {e}", pytrace=False)
     pytest.skip(f"torchvision unavailable: {e}")
 
 
 def torchdistill_resnet(name):
   torchvision_models()  # torchdistill's CIFAR ResNets import torchvision's BasicBlock
-  resnet = pytest.importorskip("torchdistill.models.classification.resnet")
+  resnet = require_reference("torchdistill.models.classification.resnet")
   return getattr(resnet, name)(num_classes=100)
 
 

@@ -390,7 +390,7 @@ def test_noisy_students_learn_from_1000_labels(mnist_table):
 @pytest.mark.slow
 @pytest.mark.xfail(reason="not reproduced in short runs: after 3 epochs the noised students (dropout 50%/20%, "
                           "jitter; the teacher labels clean images) reach 0.9355 / 0.9293 against their "
-                          "teacher's 0.9505; the table's 60 epochs have not been run", strict=False)
+                          "teacher's 0.9505; the table's 60 epochs have not been run", strict=True)
 def test_noisy_students_beat_their_labelled_only_teacher(mnist_table):
   _, results = mnist_table("ns_student2")
   teacher = results["ns_teacher"]["test_accuracy"]
