@@ -2,9 +2,9 @@
 
 The engine tests (tests/test_engine.py) talk to the engine only through this
 module, so a redesign of kd_jax/train re-implements `build` and `Harness` here
-and leaves the tests alone. Today it assembles `engine.StepSpec` and
-`engine.make_train_step` the way `kd_jax/train/loop.py:train_row` does, minus
-checkpoints, logging and `init_from`.
+and leaves the tests alone. It plans the row (`kd_jax.train.plan`), loads its
+source and builds its step as `kd_jax/train/loop.py` does, minus checkpoints,
+logging and `init`.
 
 Param groups are named "student" (the trained model) and "terms/<term>" (a loss
 term's connector params); every leaf has a leading peer axis [K, ...].
@@ -19,16 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import data as data_lib
 from kd_jax import models
 from kd_jax.distill import Objective
 from kd_jax.train import backend
 from kd_jax.train import checkpoint as checkpoint_lib
-from kd_jax.train import config as config_lib
 from kd_jax.train import engine
 from kd_jax.train import loop
 from kd_jax.train import mesh as mesh_lib
-from kd_jax.train import optim
+from kd_jax.train import planning
+from kd_jax.train import stages
 
 
 def save_random_model(directory: str, model: str, dataset, *, seed: int = 0, **model_kwargs) -> str:
@@ -64,7 +63,7 @@ class Harness:
   @property
   def teacher(self):
     """The frozen teacher module, or None."""
-    return self.spec.teacher
+    return getattr(self.spec.source, "module", None)
 
   @property
   def objective(self) -> Objective:
@@ -163,35 +162,15 @@ class Harness:
 
 def build(config: ml_collections.ConfigDict, row_name: str, dataset) -> Harness:
   """Row `row_name` of `config` on `dataset` (a `kd_jax.data.Dataset`), ready to step."""
-  config = config_lib.validate(config)
-  row = config.rows[row_name]
   mesh = mesh_lib.make_mesh(replica=config.mesh.replica, data=config.mesh.data)
-  batch_size = config.data.batch_size
-  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, batch_size)
-  total_steps = config_lib.row_epochs(config, row_name) * steps_per_epoch
-  normalize = loop._normalizer(dataset)
-  terms = row.terms.to_dict() if hasattr(row.terms, "to_dict") else row.terms
-  objective = Objective(terms, steps_per_epoch=steps_per_epoch, num_train=dataset.num_train)
-  teacher, teacher_variables = None, {}
-  if objective.needs_teacher:
-    teacher, teacher_variables = loop.load_teacher(row.teacher, dataset, row_name=row_name)
-  student = models.create(row.model, num_classes=dataset.num_classes, **loop._model_kwargs(row))
-  schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
-                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  frozen = loop._frozen_paths(row, objective)
-  spec = engine.StepSpec(
-      student=student, objective=objective,
-      optimizer=loop._with_frozen(optim.make_optimizer(row.optimizer, schedule), frozen),
-      schedule=schedule, normalize=normalize, teacher=teacher, augment=row.augment, max_norm=row.max_norm,
-      teacher_input=row.teacher_input, peers=row.peers, exchange=row.exchange.mode,
-      exchange_every=row.exchange.every_steps, teacher_cache=False, generator=None,
-      sequential_peers=mesh.shape["replica"] == 1, compute_dtype=config.compute_dtype)
-  teacher_variables = jax.device_put(teacher_variables, mesh_lib.replicated(mesh))
+  plan = planning.plan(config, row_name, dataset, mesh_shape=(mesh.shape["replica"], mesh.shape["data"]))
+  source, param_map, constants = stages.load_source(plan, dataset, mesh)
+  spec = loop.step_spec(plan, source, param_map, mesh)
   example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, np.uint8)
-  abstract = jax.eval_shape(lambda: engine.init_state(spec, jax.random.PRNGKey(config.seed), teacher_variables,
-                                                      example))
+  abstract = jax.eval_shape(lambda: engine.init_state(spec, jax.random.PRNGKey(config.seed), constants, example))
   state_sharding = engine.state_shardings(mesh, abstract, spec)
-  return Harness(config=config, row=row, dataset=dataset, mesh=mesh, spec=spec, teacher_variables=teacher_variables,
-                 state_sharding=state_sharding, _train_step=engine.make_train_step(spec, mesh, state_sharding),
-                 _eval_step=engine.make_eval_step(student, normalize, mesh, sequential=spec.sequential_peers,
-                                                  compute_dtype=spec.compute_dtype))
+  return Harness(config=config, row=config.rows[row_name], dataset=dataset, mesh=mesh, spec=spec,
+                 teacher_variables=constants, state_sharding=state_sharding,
+                 _train_step=engine.make_train_step(spec, mesh, state_sharding),
+                 _eval_step=engine.make_eval_step(spec.student, plan.normalize, mesh, sequential=spec.sequential_peers,
+                                                  compute_dtype=spec.compute_dtype, rewrites=spec.rewrites))

@@ -53,8 +53,8 @@ def connectors(tmp_path_factory):
   row = train.row(model="resnet8", teacher=teacher, terms={
       "ce": {"weight": 1.0}, "kd": {"weight": 0.5, "temperature": 4.0}, "hint": {"weight": 2.0},
       "crd": {"weight": 0.8, "dim": 16, "num_negatives": 24}, "ab": {"weight": 1.0}, "ft": {"weight": 3.0}},
-      optimizer={"name": "sgd", "learning_rate": LEARNING_RATE, "momentum": 0.9, "weight_decay": WEIGHT_DECAY},
-      freeze=["student/bn1"])
+      optimizer={"name": "sgd", "learning_rate": LEARNING_RATE, "momentum": 0.9, "weight_decay": WEIGHT_DECAY,
+                 "freeze": ["student/bn1"]})
   return engine_harness.build(_config("engine_images", 8, {"student": row}), "student", dataset)
 
 
@@ -157,7 +157,8 @@ def _digits_row(*, dropout, augment, peers=1):
   the step draws at random shows in the loss of the same batch."""
   terms = {"ce": {"weight": 1.0}, **({"dml": {"weight": 1.0}} if peers > 1 else {})}
   return train.row(model="mlp", model_kwargs={"widths": [32], "dropout": dropout, "input_dropout": dropout},
-                   terms=terms, augment=augment, peers=peers, exchange="predictions" if peers > 1 else "none",
+                   terms=terms, data={"augment": augment},
+                   peers={"count": peers, "exchange": "predictions" if peers > 1 else "none"},
                    optimizer={"name": "sgd", "learning_rate": 0.0, "momentum": 0.0})
 
 
@@ -228,8 +229,8 @@ def test_eval_of_peers_counts_padded_batches_once(dropout_peers, digits):
 def test_stale_peers_each_read_their_own_data_order(digits):
   """Co-distillation's stale mode (Anil et al. 2018): each replica trains on its own stream of the data; within
   an epoch each stream visits an example at most once."""
-  row = train.row(model="mlp", model_kwargs={"widths": [8]}, terms={"ce": {}, "codistill": {}}, peers=2,
-                  exchange="stale", exchange_every_steps=2)
+  row = train.row(model="mlp", model_kwargs={"widths": [8]}, terms={"ce": {}, "codistill": {}},
+                  peers={"count": 2, "exchange": "stale", "every_steps": 2})
   h = engine_harness.build(_config("digits", 16, {"stale": row}), "stale", digits)
   per_epoch = digits.num_train // 16
   epoch = np.stack([h.batch(step)["index"] for step in range(per_epoch)], axis=1)  # [S, steps, B]

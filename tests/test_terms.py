@@ -143,10 +143,13 @@ def _vid(s, t, batch, params, state):
 
 def _ab(s, t, batch, params, state):
   total = 0.0
-  for i, (x, y) in enumerate(_feature_pairs(s, t, [f"{n}_preact" for n in STAGES])):
+  pairs = _feature_pairs(s, t, [f"{n}_preact" for n in STAGES])
+  for i, (x, y) in enumerate(pairs):
     out, _ = _apply(connectors.ABConnector(out_channels=y.shape[-1], out_hw=y.shape[1:3]), params[f"pair{i}"],
                     state.get(f"pair{i}", {}), x)
-    total = total + losses.activation_boundary_loss(out, y, margin=1.0) / 1000.0  # Heo et al.'s code: /1000
+    # RepDistiller's ABLoss / Heo et al.'s code: stage i of n weighted 2^(i-n+1), the sum scaled by 3/1000.
+    weight = 2.0 ** (i - len(pairs) + 1) * 3.0 / 1000.0
+    total = total + weight * losses.activation_boundary_loss(out, y, margin=1.0)
   return total
 
 
@@ -199,7 +202,8 @@ def _byot(s, t, batch, params, state):
 def _cskd(s, t, batch, params, state):
   partner = jnp.array([3, 4, 0, 0, 1, 0])  # the other example of the same class (2 and 5 have none)
   value = losses.class_wise_kd_loss(s.logits, sg(s.logits[partner]), temperature=4.0)
-  return jnp.where(jnp.array([True, True, False, True, True, False]), value, 0.0)
+  # The mean over the 4 paired rows (the authors' sampler pairs every example): B / 4 on each paired row.
+  return jnp.where(jnp.array([True, True, False, True, True, False]), value, 0.0) * 6 / 4
 
 
 def _one(s, t, batch, params, state):
@@ -210,14 +214,17 @@ def _one(s, t, batch, params, state):
 
 
 def _okddip(s, t, batch, params, state):
+  # DefangChen/OKDDip: nothing detached, projections C / 8 wide, the KD weight ramped by exp(-5 (1 - e / 80)^2)
+  # (epoch e = 0 here), T 3.
   logits = jnp.stack([s.features[f"branch_{m}_logits"] for m in range(3)])
-  h = sg(jnp.stack([s.features[f"branch_{m}_pre_logits"] for m in range(1, 3)]))
-  assert params["query"]["kernel"].shape == params["key"]["kernel"].shape == (8, 128)  # projection_dim 128
+  h = jnp.stack([s.features[f"branch_{m}_pre_logits"] for m in range(1, 3)])
+  width = h.shape[-1]
+  assert params["query"]["kernel"].shape == params["key"]["kernel"].shape == (width, max(width // 8, 1))
   weights = losses.peer_attention_weights(h @ params["query"]["kernel"], h @ params["key"]["kernel"])
-  targets = losses.peer_attention_logits(weights, sg(logits[1:]))
+  targets = losses.peer_attention_logits(weights, logits[1:])
   peer_kd = sum(losses.soft_kl_loss(z, y, temperature=3.0) for z, y in zip(logits[1:], targets))
-  leader_kd = _kd(logits[0], jnp.mean(logits[1:], axis=0), 3.0)
-  return sum(_ce(z, batch["label"]) for z in logits) + 1.0 * (peer_kd + leader_kd)
+  leader_kd = losses.soft_kl_loss(logits[0], jnp.mean(logits[1:], axis=0), temperature=3.0)
+  return sum(_ce(z, batch["label"]) for z in logits) + 1.0 * np.exp(-5.0) * (peer_kd + leader_kd)
 
 
 def _ffl(s, t, batch, params, state):
@@ -311,7 +318,7 @@ CASES: dict[str, Case] = {
         temperature=4.0, alpha=0.5, teachers="final"), constant_features=("logits",)),
     "sla": Case(_sla, constant_features=("aggregated_logits",)),
     "one": Case(_one),
-    "okddip": Case(_okddip, constant_features=tuple(f"branch_{m}_pre_logits" for m in range(3))),
+    "okddip": Case(_okddip),
     "ffl": Case(_ffl),
     "dml": Case(lambda s, t, b, p, st: losses.mutual_learning_loss(s.logits, sg(t.logits), temperature=1.0)),
     "codistill": Case(lambda s, t, b, p, st: losses.codistillation_loss(s.logits, sg(t.logits), temperature=1.0)),

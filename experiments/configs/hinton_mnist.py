@@ -30,7 +30,8 @@ def get_config(rows: str = ""):
                        data={"augment": "jitter"}, epochs=epochs, paper=67)
   c.rows.student = row(model="mlp_800", terms={"ce": {}}, optimizer=adam, schedule=decay, epochs=epochs, paper=146)
   # The student sees un-augmented inputs: the teacher's logits on them are computed once (teacher cache).
-  c.rows.student_kd = row(model="mlp_800", teacher={"row": "teacher", "cache": True}, optimizer=adam, schedule=decay, epochs=epochs, paper=74,
+  c.rows.student_kd = row(model="mlp_800", teacher={"row": "teacher", "cache": True}, optimizer=adam, schedule=decay,
+                          epochs=epochs, paper=74,
                           terms={"ce": {"weight": 0.1}, "kd": {"weight": 0.9, "temperature": 20.0}})
   if rows:
     from kd_jax.train.tables import select_rows

@@ -28,7 +28,8 @@ def get_config():
   c = mnist_table(paper_metric="test_accuracy")
   adam = {"name": "adam", "learning_rate": 1e-3}
   cosine = {"name": "cosine"}
-  c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, optimizer={**adam, "max_norm": 3.5}, schedule=cosine, data={"augment": "jitter"},
+  c.rows.teacher = row(model="mlp_1200", terms={"ce": {}}, optimizer={**adam, "max_norm": 3.5}, schedule=cosine,
+                       data={"augment": "jitter"},
                        epochs=60)
   c.search = ml_collections.ConfigDict({
       "model": "mlp", "model_kwargs": {}, "teacher": "teacher",

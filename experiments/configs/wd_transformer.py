@@ -39,7 +39,8 @@ def get_config(rows: str = ""):
   c.rows.teacher = row(model_kwargs=teacher, terms={"ce": {}}, epochs=teacher_epochs, **common)
   c.rows.student = row(model_kwargs=student, terms={"ce": {}}, epochs=phase1_epochs + phase2_epochs, **common)
   c.rows.kd = row(model_kwargs=student, teacher="teacher", terms=kd, epochs=phase1_epochs + phase2_epochs, **common)
-  c.rows.wd_generate = row(model_kwargs=student, teacher={"row": "teacher", "generator": r"layers_(\d+)"}, terms=kd, epochs=phase1_epochs, **common)
+  c.rows.wd_generate = row(model_kwargs=student, teacher={"row": "teacher", "generator": r"layers_(\d+)"}, terms=kd,
+                           epochs=phase1_epochs, **common)
   c.rows.wd = row(model_kwargs=student, teacher="teacher", init={"from": "wd_generate"}, terms=kd, epochs=phase2_epochs,
                   **common)
   if rows:

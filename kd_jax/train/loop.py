@@ -212,15 +212,20 @@ class _Row:
     return int(bad_step)
 
 
-def _start(plan: plan_lib.RowPlan, dataset, mesh, row_dir: str) -> tuple[_Row, engine.TrainState]:
-  """The row's step and its state: restored from the latest checkpoint (same fingerprint), or fresh."""
-  dataset, labelled = _labelled_split(plan.data, dataset)
-  source, param_map, constants = stages.load_source(plan, dataset, mesh)
-  spec = engine.StepSpec(
+def step_spec(plan: plan_lib.RowPlan, source, param_map, mesh) -> engine.StepSpec:
+  """The train step's static description for the planned row and its loaded source."""
+  return engine.StepSpec(
       student=plan.student, objective=plan.objective, optimizer=plan.optimizer, schedule=plan.schedule,
       normalize=plan.normalize, source=source, param_map=param_map, augment=plan.data.augment,
       constrain=_max_norm(plan.max_norm) if plan.max_norm and param_map is None else None, peers=plan.peers,
       sequential_peers=mesh.shape["replica"] == 1, compute_dtype=plan.compute_dtype, rewrites=plan.rewrites)
+
+
+def _start(plan: plan_lib.RowPlan, dataset, mesh, row_dir: str) -> tuple[_Row, engine.TrainState]:
+  """The row's step and its state: restored from the latest checkpoint (same fingerprint), or fresh."""
+  dataset, labelled = _labelled_split(plan.data, dataset)
+  source, param_map, constants = stages.load_source(plan, dataset, mesh)
+  spec = step_spec(plan, source, param_map, mesh)
   example = jnp.zeros((mesh.devices.size,) + dataset.input_shape, plan.input_dtype)
   rng = jax.random.PRNGKey(plan.data.seed)
   abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, constants, example))

@@ -13,7 +13,8 @@ def get_config(rows: str = ""):
   c.progress = False
   c.mesh.replica = 2
   c.mesh.data = -1
-  c.rows.dml = row(model="mlp", model_kwargs={"widths": [32]}, peers={"count": 2, "exchange": "predictions"}, terms={"ce": {}, "dml": {"temperature": 1.0}}, optimizer={"name": "adam", "learning_rate": 1e-2})
+  c.rows.dml = row(model="mlp", model_kwargs={"widths": [32]}, peers={"count": 2, "exchange": "predictions"},
+                   terms={"ce": {}, "dml": {"temperature": 1.0}}, optimizer={"name": "adam", "learning_rate": 1e-2})
   if rows:
     from experiments.configs import select_rows
     select_rows(c, rows)
