@@ -1,6 +1,8 @@
 """Multi-host start-up: one process per host (TPU VM worker, GPU node)."""
 from __future__ import annotations
 
+import collections
+
 import jax
 
 
@@ -23,3 +25,26 @@ def initialize(*, multihost: bool = False, coordinator_address: str | None = Non
                                process_id=process_id)
   elif multihost:
     jax.distributed.initialize()
+
+
+class DispatchLimit:
+  """Keeps at most `depth` dispatched steps unfinished: call it with each step's outputs.
+
+  Why: jitted steps are dispatched asynchronously, so a loop that reads no result for many steps
+  (hinton_mnist's 469 steps an epoch, metrics every 100) queues them all. On several CPU processes
+  (gloo collectives) XLA:CPU then deadlocks once some 32-64 steps are queued per device: the
+  per-device launches of one step wait on the device's in-flight semaphore, held by later steps
+  that wait on that step, while the other devices sit in its all-reduce. Waiting for the step
+  `depth` back keeps the devices busy (the next steps are queued) and the queue short.
+  """
+
+  def __init__(self, depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"DispatchLimit depth must be >= 1, got {depth}")
+    self.depth = depth
+    self._pending: collections.deque = collections.deque()
+
+  def __call__(self, outputs) -> None:
+    self._pending.append(outputs)
+    while len(self._pending) > self.depth:
+      jax.block_until_ready(self._pending.popleft())
