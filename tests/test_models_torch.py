@@ -124,3 +124,32 @@ def test_flax_path_rule():
   assert torch_models.flax_path("layer1.0.downsample.0") == ("layer1_0", "downsample_0")
   assert torch_models.flax_path("block1.layer.0.convShortcut") == ("block1", "layer_0", "convShortcut")
   assert torch_models.flax_path("blocks.3.1.conv.4") == ("blocks_3_1", "conv_4")
+
+
+def test_convert_teacher_command_writes_a_teacher_directory(tmp_path, capsys):
+  """`python -m third_party.convert_teacher` on a RepDistiller-style .pth: the directory's model, restored as
+  a teacher is, gives PyTorch's logits."""
+  from kd_jax.train import checkpoint as checkpoint_lib
+  from third_party import convert_teacher
+
+  net = calibrated(reference("resnet20"), (32, 32, 3))
+  path = tmp_path / "ckpt_epoch_240.pth"
+  torch.save({"epoch": 240, "model": net.state_dict()}, path)
+  out = tmp_path / "teacher dir"
+  assert convert_teacher.main([str(path), "--model=resnet20", "--num_classes=100", "--dataset=cifar100",
+                               f"--out={out}"]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  variables, description = checkpoint_lib.load_model(str(out))
+  assert description == {"model": "resnet20", "model_kwargs": {}, "num_classes": 100, "input_shape": [32, 32, 3],
+                         "dataset": "cifar100"}
+  module = models.create(description["model"], num_classes=description["num_classes"], **description["model_kwargs"])
+  images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+  with torch.no_grad():
+    expected = net(images).numpy()
+  got = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(
+      variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))))
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  with pytest.raises(SystemExit):
+    convert_teacher.main([str(path), "--model=resnet20", "--num_classes=100", "--dataset=cifar100",
+                          f"--out={out}", "--input_shape=32x32"])
+  assert "--input_shape must be H,W,C integers, got '32x32'" in capsys.readouterr().err
