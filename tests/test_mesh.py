@@ -96,3 +96,25 @@ def test_pad_batch_keeps_an_existing_mask():
   assert padded["image"].shape == (8, 2) and padded["image"][3:].sum() == 0
   with pytest.raises(ValueError, match="cannot pad a batch of 3 examples to 2"):
     mesh_lib.pad_batch(batch, 2)
+
+
+def test_evaluation_in_padded_batches_counts_every_test_example_once():
+  """loop.evaluate with an eval batch rounded up by padded_size (digits' 360 test images, which neither 100 nor
+  104 divides) on 8 devices gives the test errors and loss of 1 device with batches of 100."""
+  from kd_jax import data, models
+  from kd_jax.data import augment
+  from kd_jax.train import engine, loop
+
+  digits = data.load("digits")
+  model = models.create("mlp", num_classes=10, widths=[16])
+  normalize = lambda x: augment.normalize(x, scale=digits.scale, mean=digits.mean, std=digits.std)
+  variables = model.init(jax.random.key(0), normalize(jnp.zeros((1,) + digits.input_shape, jnp.uint8)))
+  stacked = jax.tree.map(lambda x: x[None], variables)  # one peer
+  results = []
+  for devices, batch_size in ((1, 100), (8, mesh_lib.padded_size(100, 8))):
+    mesh = mesh_lib.make_mesh(data=devices, devices=jax.devices()[:devices])
+    eval_step = engine.make_eval_step(model, normalize, mesh)
+    results.append(loop.evaluate(eval_step, stacked, digits, batch_size, mesh))
+  one, eight = results
+  assert one["test_errors"] == eight["test_errors"] and 0 < one["test_errors"] < 360
+  np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=1e-6)
