@@ -32,9 +32,35 @@ def torchdistill_resnet(name):
   return getattr(resnet, name)(num_classes=100)
 
 
+def cifar_resnet_x4(depth):
+  """RepDistiller's resnet8x4 / resnet32x4 layout (stem 32, stages 64-128-256 of BasicBlocks, 8x8 average pool)
+  built from torchdistill's CIFAR ResNet code, whose stages are fixed at 16-32-64 otherwise."""
+  torchvision_models()
+  resnet = pytest.importorskip("torchdistill.models.classification.resnet")
+  nn = torch.nn
+
+  class ResNetX4(resnet.ResNet4Cifar):
+    def __init__(self):  # pylint: disable=super-init-not-called
+      nn.Module.__init__(self)
+      self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 32, 1, 1, 64
+      self.conv1 = nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1, bias=False)
+      self.bn1 = nn.BatchNorm2d(32)
+      self.relu = nn.ReLU(inplace=True)
+      n = (depth - 2) // 6
+      self.layer1 = self._make_layer(resnet.BasicBlock, 64, n)
+      self.layer2 = self._make_layer(resnet.BasicBlock, 128, n, stride=2)
+      self.layer3 = self._make_layer(resnet.BasicBlock, 256, n, stride=2)
+      self.avgpool = nn.AvgPool2d(8, stride=1)
+      self.fc = nn.Linear(256, 100)
+
+  return ResNetX4()
+
+
 def reference(name):
   if name in ("resnet20", "resnet56"):
     return torchdistill_resnet(name)
+  if name in ("resnet8x4", "resnet32x4"):
+    return cifar_resnet_x4(int(name[len("resnet"):-len("x4")]))
   return getattr(torchvision_models(), name)()
 
 
@@ -62,6 +88,8 @@ def flax_logits(name, state_dict, images_nchw):
 @pytest.mark.parametrize("name", [
     "resnet20",  # torchdistill, CIFAR
     pytest.param("resnet56", marks=pytest.mark.slow),
+    "resnet8x4",  # RepDistiller's x4 widths (CRD's student), on torchdistill's blocks
+    pytest.param("resnet32x4", marks=pytest.mark.slow),  # CRD's teacher
     "resnet18",  # torchvision, ImageNet
     pytest.param("resnet34", marks=pytest.mark.slow),
     "resnet50",
