@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import numpy as np
 
 
 def initialize(*, multihost: bool = False, coordinator_address: str | None = None,
@@ -48,3 +49,17 @@ class DispatchLimit:
     self._pending.append(outputs)
     while len(self._pending) > self.depth:
       jax.block_until_ready(self._pending.popleft())
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (the same answer on every process); `flag` itself on one process.
+
+  For decisions all hosts must take at the same step, e.g. stopping after a SIGTERM that reached only some
+  of them: every process calls it at the same steps (say every few steps, as it waits for all of them),
+  and all stop, checkpoint and exit together.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
