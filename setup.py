@@ -32,6 +32,7 @@ setuptools.setup(
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",
+        "etils[epath]>=1.5",  # kd_jax.train.files: workdirs on local disks and gs://
         "tensorflow-datasets>=4.9",
         "importlib_resources>=5",  # TFDS imports it to download and prepare datasets
         "tensorboardX>=2.6",  # kd_jax/train/summaries.py: TensorBoard event files without TensorFlow
@@ -44,7 +45,10 @@ setuptools.setup(
         "matplotlib>=3.7",  # experiments/reproduce.py plots
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3"],
+        # gcp-storage-emulator serves gs:// on 127.0.0.1 for tests/test_files.py.
+        "test": ["pytest>=7", "pytest-xdist>=3", "gcsfs", "gcp-storage-emulator"],
+        # Workdirs on Cloud Storage (etils.epath reads gs:// through gcsfs when TensorFlow is absent).
+        "gcs": ["gcsfs"],
         # Reference implementations for parity tests and benchmarks. torchdistill's
         # own requirements (torchvision, ...) are not needed by the adapters:
         # `make test` installs it with --no-deps.

@@ -36,9 +36,35 @@ def torchdistill_resnet(name):
   return getattr(resnet, name)(num_classes=100)
 
 
+def cifar_resnet_x4(depth):
+  """RepDistiller's resnet8x4 / resnet32x4 layout (stem 32, stages 64-128-256 of BasicBlocks, 8x8 average pool)
+  built from torchdistill's CIFAR ResNet code, whose stages are fixed at 16-32-64 otherwise."""
+  torchvision_models()
+  resnet = pytest.importorskip("torchdistill.models.classification.resnet")
+  nn = torch.nn
+
+  class ResNetX4(resnet.ResNet4Cifar):
+    def __init__(self):  # pylint: disable=super-init-not-called
+      nn.Module.__init__(self)
+      self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 32, 1, 1, 64
+      self.conv1 = nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1, bias=False)
+      self.bn1 = nn.BatchNorm2d(32)
+      self.relu = nn.ReLU(inplace=True)
+      n = (depth - 2) // 6
+      self.layer1 = self._make_layer(resnet.BasicBlock, 64, n)
+      self.layer2 = self._make_layer(resnet.BasicBlock, 128, n, stride=2)
+      self.layer3 = self._make_layer(resnet.BasicBlock, 256, n, stride=2)
+      self.avgpool = nn.AvgPool2d(8, stride=1)
+      self.fc = nn.Linear(256, 100)
+
+  return ResNetX4()
+
+
 def reference(name):
   if name in ("resnet20", "resnet56"):
     return torchdistill_resnet(name)
+  if name in ("resnet8x4", "resnet32x4"):
+    return cifar_resnet_x4(int(name[len("resnet"):-len("x4")]))
   return getattr(torchvision_models(), name)()
 
 
@@ -66,6 +92,8 @@ def flax_logits(name, state_dict, images_nchw):
 @pytest.mark.parametrize("name", [
     "resnet20",  # torchdistill, CIFAR
     pytest.param("resnet56", marks=pytest.mark.slow),
+    "resnet8x4",  # RepDistiller's x4 widths (CRD's student), on torchdistill's blocks
+    pytest.param("resnet32x4", marks=pytest.mark.slow),  # CRD's teacher
     "resnet18",  # torchvision, ImageNet
     pytest.param("resnet34", marks=pytest.mark.slow),
     "resnet50",
@@ -128,3 +156,32 @@ def test_flax_path_rule():
   assert torch_models.flax_path("layer1.0.downsample.0") == ("layer1_0", "downsample_0")
   assert torch_models.flax_path("block1.layer.0.convShortcut") == ("block1", "layer_0", "convShortcut")
   assert torch_models.flax_path("blocks.3.1.conv.4") == ("blocks_3_1", "conv_4")
+
+
+def test_convert_teacher_command_writes_a_teacher_directory(tmp_path, capsys):
+  """`python -m third_party.convert_teacher` on a RepDistiller-style .pth: the directory's model, restored as
+  a teacher is, gives PyTorch's logits."""
+  from kd_jax.train import checkpoint as checkpoint_lib
+  from third_party import convert_teacher
+
+  net = calibrated(reference("resnet20"), (32, 32, 3))
+  path = tmp_path / "ckpt_epoch_240.pth"
+  torch.save({"epoch": 240, "model": net.state_dict()}, path)
+  out = tmp_path / "teacher dir"
+  assert convert_teacher.main([str(path), "--model=resnet20", "--num_classes=100", "--dataset=cifar100",
+                               f"--out={out}"]) == 0
+  assert f"wrote {out}" in capsys.readouterr().out
+  variables, description = checkpoint_lib.load_model(str(out))
+  assert description == {"model": "resnet20", "model_kwargs": {}, "num_classes": 100, "input_shape": [32, 32, 3],
+                         "dataset": "cifar100"}
+  module = models.create(description["model"], num_classes=description["num_classes"], **description["model_kwargs"])
+  images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+  with torch.no_grad():
+    expected = net(images).numpy()
+  got = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(
+      variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))))
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  with pytest.raises(SystemExit):
+    convert_teacher.main([str(path), "--model=resnet20", "--num_classes=100", "--dataset=cifar100",
+                          f"--out={out}", "--input_shape=32x32"])
+  assert "--input_shape must be H,W,C integers, got '32x32'" in capsys.readouterr().err

@@ -5,17 +5,18 @@ steps, at the end, and on SIGTERM) and `final/` (the trained model's variables
 and a JSON description, which is what a later row loads as its teacher, and the
 loss terms' connector params and state, which a later stage row restores).
 Orbax writes to a temporary directory and renames it when complete, so a kill
-at any moment leaves the previous checkpoints loadable.
+at any moment leaves the previous checkpoints loadable. Paths go through
+`etils.epath` (`kd_jax.train.files`): a `gs://` run directory works as a local one.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from kd_jax.train import files
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class Checkpointer:
   """Saves and restores the train state of one run under `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
@@ -75,40 +76,50 @@ def save_model(directory: str, variables: Any, description: dict[str, Any], *, t
 
   terms: optionally the loss terms' {"params": {term: ...}, "state": {term: ...}}
     (connectors such as FT's paraphraser), read back by `load_terms`.
+  Every process calls it; model.json is written last, by process 0, and every process waits for it.
   """
-  directory = os.path.abspath(directory)
+  directory = files.path(directory)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, "variables"), variables, force=True)
+    checkpointer.save(directory / "variables", variables, force=True)
     if terms is not None and jax.tree.leaves(terms):
-      checkpointer.save(os.path.join(directory, "terms"), terms, force=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "model.json"), "w") as f:
-      json.dump(description, f, indent=2)
+      checkpointer.save(directory / "terms", terms, force=True)
+  files.write_json(directory / "model.json", description)
+  files.barrier(f"kd_jax.save_model:{directory}")  # no process looks for model.json before it is there
+
+
+def model_directory(directory: str):
+  """The directory holding model.json: `directory` itself, or a kd_jax row directory's `final/`."""
+  directory = files.path(directory)
+  if not (directory / "model.json").exists() and (directory / "final" / "model.json").exists():
+    return directory / "final"
+  return directory
 
 
 def load_model(directory: str) -> tuple[Any, dict[str, Any]]:
-  """Reads what `save_model` wrote: (variables as host arrays, description)."""
-  directory = os.path.abspath(directory)
-  description_path = os.path.join(directory, "model.json")
-  if not os.path.isfile(description_path):
-    raise FileNotFoundError(f"no trained model in {directory!r} (missing model.json)")
-  with open(description_path) as f:
-    description = json.load(f)
+  """Reads what `save_model` wrote: (variables as host arrays, description). `directory` may also be a
+  kd_jax row directory (its `final/`)."""
+  directory = model_directory(directory)
+  description_path = directory / "model.json"
+  if not description_path.exists():
+    raise FileNotFoundError(f"no trained model in {str(directory)!r} (missing model.json); a teacher is a "
+                            "directory with model.json or a kd_jax row directory (its final/)")
+  description = files.read_json(description_path)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      variables = checkpointer.restore(os.path.join(directory, "variables"))
+      variables = checkpointer.restore(directory / "variables")
   except Exception as e:
-    raise CheckpointError(f"cannot read the model variables in {directory!r}: {e}") from e
+    raise CheckpointError(f"cannot read the model variables in {str(directory)!r}: {e}") from e
   return variables, description
 
 
 def load_terms(directory: str) -> dict[str, Any]:
   """The loss terms' {"params", "state"} that `save_model` wrote with the model ({} if none)."""
-  path = os.path.join(os.path.abspath(directory), "terms")
-  if not os.path.isdir(path):
+  directory = model_directory(directory)
+  path = directory / "terms"
+  if not path.exists():
     return {}
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return dict(checkpointer.restore(path))
   except Exception as e:
-    raise CheckpointError(f"cannot read the loss terms' params in {directory!r}: {e}") from e
+    raise CheckpointError(f"cannot read the loss terms' params in {str(directory)!r}: {e}") from e
