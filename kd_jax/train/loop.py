@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -34,6 +33,8 @@ from kd_jax import data as data_lib
 from kd_jax.train import backend
 from kd_jax.train import checkpoint as checkpoint_lib
 from kd_jax.train import config as config_lib
+from kd_jax.train import distributed
+from kd_jax.train import files
 from kd_jax.train import engine
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import optim
@@ -82,35 +83,25 @@ def _stop_signals():
       signal.signal(signum, old)
 
 
-def _write_json(path: str, value: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 class _MetricsLog:
   """Training and test metrics to metrics.jsonl (JSON lines; on resume, lines past the restored step are
   dropped) and to TensorBoard (`train/<metric>` with `train/images_per_s`, `eval/<figure>`), process 0 only."""
 
   def __init__(self, row_dir: str, *, resume_step: int, images_per_step: int):
-    self.path = os.path.join(row_dir, "metrics.jsonl")
+    self.path = f"{row_dir}/metrics.jsonl"
     self.enabled = jax.process_index() == 0
     self.images_per_step = images_per_step
     self.last: tuple[int, float] | None = None  # (step, time) of the last train record
-    if self.enabled and os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      _write_text(self.path, "".join(kept))
-    self.summaries = summaries_lib.Summaries(row_dir if self.enabled else None)
+    if self.enabled and files.exists(self.path):
+      files.write_lines(self.path, [line for line in files.read_lines(self.path)
+                                    if json.loads(line)["step"] <= resume_step])
+    # TensorBoard's writer takes local directories (a remote workdir keeps metrics.jsonl only).
+    self.summaries = summaries_lib.Summaries(row_dir if self.enabled and not files.is_remote(row_dir) else None)
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    files.append_json_line(self.path, record)
     split, step = record["split"], record["step"]
     scalars = {f"{'train' if split == 'train' else 'eval'}/{k}": v for k, v in record.items()
                if k not in ("step", "split") and isinstance(v, (int, float))}
@@ -123,13 +114,6 @@ class _MetricsLog:
 
   def close(self) -> None:
     self.summaries.close()
-
-
-def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def _train_batch(dataset, batch_size: int, *, seed: int, step: int, streams: int = 1,
@@ -231,7 +215,7 @@ def _start(plan: plan_lib.RowPlan, dataset, mesh, row_dir: str) -> tuple[_Row, e
   abstract = jax.eval_shape(lambda: engine.init_state(spec, rng, constants, example))
   state_sharding = engine.state_shardings(mesh, abstract, spec)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(row_dir, "checkpoints"),
+  checkpointer = checkpoint_lib.Checkpointer(f"{row_dir}/checkpoints",
                                              keep=plan.options.keep_checkpoints)
   row = _Row(plan, spec, dataset, labelled, mesh, constants, state_sharding, checkpointer, row_dir, [], 0.0)
   restored = checkpointer.restore_latest(abstract)
@@ -244,6 +228,14 @@ def _start(plan: plan_lib.RowPlan, dataset, mesh, row_dir: str) -> tuple[_Row, e
                           row=plan.name)
   row.history, row.elapsed = list(meta.get("history", [])), float(meta.get("elapsed", 0.0))
   return row, state
+
+
+def _agreed_stop(stop, done: int, stop_step: int, every: int = 10) -> bool:
+  """Whether every process stops after step `done`: a signal seen by any process, agreed on (an all-gather)
+  every `every` steps and at the last step when there are several processes, at each step on one."""
+  if jax.process_count() > 1 and done % every and done != stop_step:
+    return False
+  return distributed.any_process(stop["signal"] is not None)
 
 
 def _batches(row: _Row, start: int):
@@ -283,10 +275,12 @@ def fit(row: _Row, state: engine.TrainState) -> engine.TrainState:
       bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}")
     pending.clear()
 
+  dispatched = distributed.DispatchLimit()  # a bounded queue of steps: several CPU processes deadlock on more
   with _stop_signals() as stop, bar, contextlib.closing(metrics_log), \
       contextlib.closing(_batches(row, start)) as batches:
     for step, batch in zip(range(start, plan.stop_step), batches):
       state, metrics = train_step(state, row.constants, batch)
+      dispatched(metrics)
       done = step + 1
       bar.update(1)
       if done % every == 0 or done == plan.stop_step:
@@ -298,14 +292,14 @@ def fit(row: _Row, state: engine.TrainState) -> engine.TrainState:
         test = row.evaluate(state)
         row.history.append({"epoch": done // plan.steps_per_epoch, "step": done, **test})
         metrics_log.write({"step": done, "split": "test", "epoch": done // plan.steps_per_epoch, **test})
-      if stop["signal"] is not None:
+      if _agreed_stop(stop, done, plan.stop_step):
         drain()
         row.check_finite(state)
         row.save(state, done, started)
         row.checkpointer.close()
-        name = "SIGTERM" if stop["signal"] == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        name = "Ctrl-C (SIGINT)" if stop["signal"] == signal.SIGINT else "SIGTERM"
         log.warning("row %s: %s received; checkpointed step %d, exiting", plan.name, name, done)
-        raise Preempted(done, 143 if stop["signal"] == signal.SIGTERM else 130)
+        raise Preempted(done, 130 if stop["signal"] == signal.SIGINT else 143)
       by_time = time.time() - last_save >= options.checkpoint_every_seconds
       if (done % options.checkpoint_every_steps == 0 or by_time) and done < plan.stop_step:
         row.check_finite(state)
@@ -333,7 +327,7 @@ def _finish(row: _Row, state: engine.TrainState) -> dict[str, Any]:
   model = engine.unstack(stages._fetch(row.variables(state), row.mesh))
   # Memory banks (per-example rows) are this run's, not a connector: they stay out of final/.
   keep = {k: v for k, v in state.method_state.items() if not row.spec.objective.terms[k].shard_state_rows}
-  checkpoint_lib.save_model(os.path.join(row.row_dir, "final"), model, plan.description,
+  checkpoint_lib.save_model(f"{row.row_dir}/final", model, plan.description,
                             terms=engine.unstack(stages._fetch({"params": state.params["terms"], "state": keep},
                                                                row.mesh)))
   if plan.ensemble_with:
@@ -356,12 +350,11 @@ def _finish(row: _Row, state: engine.TrainState) -> dict[str, Any]:
 
 def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: str) -> dict[str, Any]:
   """Trains the planned row (resuming if interrupted; a finished row is read back); returns its result."""
-  row_dir = os.path.join(workdir, plan.name)
-  os.makedirs(row_dir, exist_ok=True)
-  result_path = os.path.join(row_dir, "result.json")
-  if os.path.exists(result_path):  # finished: skipped, unless its config was another one
-    with open(result_path) as f:
-      done = json.load(f)
+  row_dir = f"{workdir.rstrip('/')}/{plan.name}"
+  files.makedirs(row_dir)
+  result_path = f"{row_dir}/result.json"
+  if files.exists(result_path):  # finished: skipped, unless its config was another one
+    done = files.read_json(result_path)
     config_lib.check_resume(done.get("fingerprint", {}), plan.fingerprint, allow=plan.options.allow_config_change,
                             row=plan.name, made=f"the finished {result_path} was made")
     return done
@@ -371,7 +364,7 @@ def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: 
     row, state = _start(plan, dataset, mesh, row_dir)
     state = fit(row, state)
     result = _finish(row, state)
-  _write_json(result_path, result)
+  files.write_json(result_path, result)
   return result
 
 
@@ -383,8 +376,7 @@ def _evaluate_published(plan: plan_lib.RowPlan, dataset, mesh) -> dict[str, Any]
   stacked = jax.tree.map(lambda x: np.asarray(x)[None], variables)
   result = evaluate(eval_step, stacked, dataset, plan.data.eval_batch_size, mesh)
   log.info("row %s: the trained model in %s, evaluated (not trained): %s", plan.name, plan.published, result)
-  with open(os.path.join(plan.published, "model.json")) as f:
-    model = json.load(f)["model"]
+  model = files.read_json(f"{plan.published}/model.json")["model"]
   return {**result, "published": plan.published, "history": [], "steps": 0, "epochs": 0, "model": model,
           "num_params": int(sum(np.size(x) for x in jax.tree.leaves(variables["params"]))),
           "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "fingerprint": plan.fingerprint}
@@ -394,7 +386,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
   """Trains every row of `config` under `workdir`; returns {row: result}. Every row is planned (its config
   checked) before the first trains."""
   config = config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   dataset = data_lib.load(config.data.name, directory=config.data.dir or None)
   mesh = mesh_lib.make_mesh(replica=config.mesh.replica, data=config.mesh.data)
   plans = plan_lib.check(config, dataset, workdir=workdir, mesh_shape=(mesh.shape["replica"], mesh.shape["data"]))
@@ -402,5 +394,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
   for name, plan in plans.items():
     results[name] = train_row(plan, dataset, mesh, workdir)
     log.info("row %s: %s", name, {k: v for k, v in results[name].items() if k != "history"})
-  _write_json(os.path.join(workdir, "results.json"), results)
+  files.write_json(f"{workdir.rstrip('/')}/results.json", results)
   return results

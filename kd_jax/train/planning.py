@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ from kd_jax.data import augment as augment_lib
 from kd_jax.distill import Objective
 from kd_jax.train import backend
 from kd_jax.train import config as config_lib
+from kd_jax.train import files
 from kd_jax.train import optim
 from kd_jax.train import sources as sources_lib
 from kd_jax.train.config import ConfigError
@@ -209,7 +209,7 @@ def _check_data(config, row, name: str, dataset, mesh_shape) -> None:
 def published_dir(directory: str, *, key: str) -> str:
   """The model directory (holding model.json) of `directory`: itself, or a kd_jax row directory's final/."""
   for candidate in (directory, f"{directory.rstrip('/')}/final"):
-    if os.path.isfile(os.path.join(candidate, "model.json")):
+    if files.exists(f"{candidate}/model.json"):
       return candidate
   raise ConfigError(f"{key}={directory!r} holds no trained model: neither it nor its final/ has a model.json "
                     "(a kd_jax row directory, its final/, or a teacher imported with kd_jax.models.import_teacher)")
