@@ -73,3 +73,53 @@ def test_hinton_row_on_two_processes_finishes_as_on_one(tmp_path):
   np.testing.assert_allclose(multi["test_loss"], one["test_loss"], rtol=1e-5)
   train_loss = lambda d: [m["loss"] for m in read_jsonl(os.path.join(d, "student", "metrics.jsonl"))]
   np.testing.assert_allclose(train_loss(workdir), train_loss(str(tmp_path / "single")), rtol=1e-5)
+
+
+def _two_processes(workdir, port, *flags):
+  env_flags = [f for f in os.environ["XLA_FLAGS"].split() if "xla_force_host_platform_device_count" not in f]
+  env = {"XLA_FLAGS": " ".join(env_flags + ["--xla_force_host_platform_device_count=4"])}
+  args = [*flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  return [launch(workdir, *args, f"--process_id={i}", env=env) for i in range(2)]
+
+
+def _checkpoint_steps(workdir):
+  directory = os.path.join(workdir, "teacher", "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", [[0], [0, 1]], ids=["one_process", "both"])
+def test_sigterm_on_some_processes_stops_all_at_one_agreed_step(signalled, tmp_path):
+  """Preemption on a pod slice: SIGTERM to one process (or to both, a second apart) of a 2 x 4 device run;
+  both processes checkpoint the same step and exit with 143 within 60 s; the rerun ends as an uninterrupted
+  run."""
+  import signal
+  import time
+
+  workdir = str(tmp_path / "run")
+  port = 20000 + (os.getpid() + 3 * len(signalled)) % 20000
+  flags = [f"--config={os.path.join(REPO, 'tests', 'configs', 'tiny_digits.py')}:teacher",
+           "--config.checkpoint_every_steps=1000"]
+  procs = _two_processes(workdir, port, *flags)
+  deadline = time.time() + 120
+  while time.time() < deadline and not os.path.exists(os.path.join(workdir, "teacher", "metrics.jsonl")):
+    time.sleep(0.1)
+  for i in signalled:
+    procs[i].proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+  start = time.time()
+  codes = [proc.wait(timeout=120) for proc in procs]
+  assert time.time() - start < 60 and codes == [143, 143], [p.output()[-2000:] for p in procs]
+  steps = _checkpoint_steps(workdir)
+  assert len(steps) == 1, steps  # one agreed step (checkpoint_every_steps is never reached)
+  leftovers = [d for d in os.listdir(os.path.join(workdir, "teacher", "checkpoints")) if not d.isdigit()]
+  assert not any("tmp" in d for d in leftovers), leftovers
+  procs = _two_processes(workdir, port + 1, *flags)
+  assert [proc.wait(timeout=300) for proc in procs] == [0, 0], [p.output()[-2000:] for p in procs]
+  config = tiny_digits.get_config("teacher")
+  config.checkpoint_every_steps = 1000
+  one = train.run(config, str(tmp_path / "single"))["teacher"]
+  with open(os.path.join(workdir, "teacher", "result.json")) as f:
+    resumed = json.load(f)
+  assert resumed["test_errors"] == one["test_errors"]
+  np.testing.assert_allclose(resumed["test_loss"], one["test_loss"], rtol=1e-5)
