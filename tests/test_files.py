@@ -122,3 +122,43 @@ def test_checkpointer_and_model_round_trip(root):
   assert checkpoint_lib.load_terms(f"{root}/row") == {}
   with pytest.raises(FileNotFoundError, match=r"\(missing model.json\)"):
     checkpoint_lib.load_model(f"{root}/elsewhere")
+
+
+def test_a_run_on_a_gs_workdir_resumes_as_a_local_one(gcs_bucket, tmp_path, monkeypatch):
+  """train.run with its workdir on Cloud Storage (the emulator): stopped mid-row by a preemption, resumed,
+  and ended with the same model and metrics as the same run on a local disk."""
+  import contextlib
+  import signal
+
+  from kd_jax import train
+  from kd_jax.train import checkpoint, loop
+  from tests.configs import tiny_digits
+
+  def config():
+    c = tiny_digits.get_config("teacher")
+    c.epochs, c.max_steps = 1, 12
+    return c
+
+  class StopAt5(dict):
+    calls = 0
+
+    def __getitem__(self, key):
+      StopAt5.calls += 1
+      return signal.SIGTERM if StopAt5.calls >= 5 else None
+
+  remote = f"{gcs_bucket}/run"
+  monkeypatch.setattr(loop, "_stop_signals", contextlib.contextmanager(lambda: (yield StopAt5())))
+  with pytest.raises(loop.Preempted):
+    train.run(config(), remote)
+  monkeypatch.undo()
+  assert checkpoint.Checkpointer(f"{remote}/teacher/checkpoints").steps() == [5]
+  train.run(config(), remote)
+  local = str(tmp_path / "local")
+  train.run(config(), local)
+  assert files.read_lines(f"{remote}/teacher/metrics.jsonl") == files.read_lines(f"{local}/teacher/metrics.jsonl")
+  remote_result, local_result = files.read_json(f"{remote}/results.json"), files.read_json(f"{local}/results.json")
+  for key in ("test_errors", "test_loss", "history"):
+    assert remote_result["teacher"][key] == local_result["teacher"][key]
+  remote_model, _ = checkpoint.load_model(f"{remote}/teacher/final")
+  local_model, _ = checkpoint.load_model(f"{local}/teacher/final")
+  jax.tree.map(np.testing.assert_array_equal, remote_model, local_model)
