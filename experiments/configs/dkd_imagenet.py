@@ -19,8 +19,9 @@ The DKD paper distils from torchvision's pretrained ResNet-34 and ResNet-50. The
 rows `teacher__resnet34` / `teacher__resnet50` train them here with
 torchvision's recipe (batch 256, lr 0.1 x0.1 at epochs 30/60, 90 epochs, wd
 1e-4); to use torchvision's weights instead, convert them once
-(third_party/torch_models.py, see README) and point the method rows at them:
-`--config.rows.resnet34__resnet18__dkd.teacher=/data/teachers/resnet34`.
+(`python -m third_party.convert_teacher`, see README) and let the teacher row stand
+for them, evaluated and never trained:
+`--config.rows.teacher__resnet34.checkpoint=/data/teachers/resnet34`.
 Row names: `<teacher>__<student>__<method>`; `paper` is top-1 (%): DKD and KD
 (the DKD paper's re-run of KD with this recipe) from the mdistiller README,
 teachers from torchvision's model card, the students from the DKD paper's tables.
