@@ -89,6 +89,9 @@ def test_config_mistakes_are_one_line_and_print_config_lists_rows(tmp_path):
       [f"--config={DEMO}", "--list_rows"],
       [f"--config={DEMO}:student", "--config.rows.student.model=mlpp", "--list_rows"],
       ["--config=tests/configs/tiny_digits.py:teacher", "--config.epochs=1", f"--workdir={tmp_path / 'report'}"],
+      # A list-valued option (stored as a tuple) overridden on the command line.
+      ["--config=tests/configs/tiny_digits.py:teacher", "--config.max_steps=2", f"--workdir={tmp_path / 'lists'}",
+       "--config.rows.teacher.model_kwargs.widths=(7, 5)"],
   ]
   results = _run_cases(tmp_path, [argv for argv, _ in mistakes] + others)
   for (argv, names), r in zip(mistakes, results):
@@ -98,7 +101,10 @@ def test_config_mistakes_are_one_line_and_print_config_lists_rows(tmp_path):
     for name in names:
       assert name in lines[0], (argv, name, lines[0])
     assert "Traceback" not in r["stderr"] and not r["stdout"], (argv, r)
-  verbose, printed, listed, listed_bad, trained = results[len(mistakes):]
+  verbose, printed, listed, listed_bad, trained, overridden = results[len(mistakes):]
+  assert overridden["code"] == 0, overridden
+  model = json.loads((tmp_path / "lists" / "teacher" / "final" / "model.json").read_text())
+  assert model["model_kwargs"]["widths"] == [7, 5]
   assert verbose["raised"] and verbose["code"] == 1  # the exception itself, for its traceback
   assert printed["code"] == 0 and not printed["stderr"].strip()
   text = printed["stdout"]

@@ -76,6 +76,16 @@ def _group(name: str, value: Any, defaults: Mapping[str, Any], shorthand: str = 
   return {**defaults, **given}
 
 
+def _tuples(value: Any) -> Any:
+  """Lists (at any depth) as tuples: ml_collections overrides tuple fields from the command line
+  (`--config.rows.r.terms.at.student_features="('stage2', 'stage3')"`), not list fields."""
+  if isinstance(value, Mapping):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
 def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], model_kwargs: Mapping[str, Any] | None = None,
         teacher: str | Mapping[str, Any] = "", peers: int | Mapping[str, Any] = 1,
         optimizer: Mapping[str, Any] | None = None, schedule: Mapping[str, Any] | None = None,
@@ -111,11 +121,12 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], model_kwargs: Map
     init: a progressive-blockwise stage, a residual assistant joining a trained student)}.
   epochs: this row's epochs (unless config.epochs > 0 overrides all rows).
   ensemble_with: rows whose models are ensembled with this one at the end (born-again networks).
+  Lists are stored as tuples, which the command line can override ("('a', 'b')").
   paper: the paper's figure for the report (e.g. test errors).
   checkpoint (set by override, not an argument): a trained model directory this row stands for; the row
     is then evaluated, never trained, and later rows that name it use that model.
   """
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(_tuples({
       "model": model, "model_kwargs": dict(model_kwargs or {}),
       "terms": {k: dict(v) for k, v in terms.items()},
       "teacher": _group("teacher", teacher, TEACHER, "row"),
@@ -129,7 +140,7 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], model_kwargs: Map
       # A trained model (a kd_jax row directory, its final/, or a converted teacher) this row stands for:
       # restored and evaluated, never trained (--config.rows.<row>.checkpoint=<dir>).
       "checkpoint": "",
-  })
+  }))
 
 
 def _suggest(key: str, known) -> str:
