@@ -46,10 +46,9 @@ class EpochSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
-  schedule: optax.Schedule
-  steps_per_epoch: int | None
-  batch_dims: int
-  max_norm_under: tuple[str, ...]
+  """What a factory needs besides its options."""
+  schedule: optax.Schedule | None = None
+  steps_per_epoch: int | None = None
   total_steps: int = 0
 
 
@@ -126,7 +125,8 @@ def _is_kernel(path, leaf, batch_dims: int, under: tuple[str, ...]) -> bool:
   return keys[:len(under)] == under and keys[-1] == "kernel" and leaf.ndim >= 2 + batch_dims
 
 
-def max_norm_projection(limit: float, *, batch_dims: int = 0, under: tuple[str, ...] = ()) -> optax.GradientTransformation:
+def max_norm_projection(limit: float, *, batch_dims: int = 0,
+                        under: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """Caps the L2 norm of each unit's incoming weights at `limit` after the update (the last element of a chain).
 
   A weight vector the update would take past the limit is rescaled onto it (Hinton et al. 2012, appendix A:
@@ -277,8 +277,7 @@ def make_schedule(cfg: Mapping[str, Any], *, base_lr: float, steps_per_epoch: in
   """The learning-rate schedule of `cfg` (options counted in epochs), after a linear warmup of `warmup_epochs`."""
   factory, options, common = _split(cfg, "schedule", SCHEDULES)
   warmup = int(round(common["warmup_epochs"] * steps_per_epoch))
-  ctx = _Context(schedule=None, steps_per_epoch=steps_per_epoch, batch_dims=0, max_norm_under=(),
-                 total_steps=total_steps)
+  ctx = _Context(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   if factory is _cosine:
     options["warmup"] = warmup
   schedule = factory(ctx, base_lr, **options)
@@ -296,9 +295,7 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule, *, steps_pe
   """
   factory, options, common = _split(cfg, "optimizer", OPTIMIZERS)
   steps_per_epoch = steps_per_epoch or getattr(schedule, "steps_per_epoch", None)
-  ctx = _Context(schedule=schedule, steps_per_epoch=steps_per_epoch, batch_dims=batch_dims,
-                 max_norm_under=tuple(max_norm_under))
-  optimizer = factory(ctx, **options)
+  optimizer = factory(_Context(schedule, steps_per_epoch), **options)
   if common["max_norm"]:
     optimizer = optax.chain(optimizer, max_norm_projection(common["max_norm"], batch_dims=batch_dims,
                                                            under=tuple(max_norm_under)))
