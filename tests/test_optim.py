@@ -163,3 +163,27 @@ def test_every_table_row_passes_check():
       optim.check(r.optimizer, r.schedule)
       rows += 1
   assert rows > 100
+
+
+def test_hinton_dropout_recipes_follow_the_2012_schedule():
+  """recipe=dropout: batch 100, eps_t = eps_0 * 0.998^epoch, momentum 0.5 -> 0.99 over 500 epochs, 3000 epochs;
+  dropout_x10 ends at the same fraction of eps_0 after 300 epochs; the default recipe is unchanged (Adam)."""
+  from experiments.configs import hinton_mnist
+  from kd_jax.train import config as config_lib
+
+  for recipe, scale in (("dropout", 1), ("dropout_x10", 10)):
+    config = config_lib.validate(hinton_mnist.get_config(f"recipe={recipe}"))
+    teacher = config.rows.teacher
+    assert config.data.batch_size == 100 and teacher.epochs * scale == 3000 and teacher.augment == "jitter"
+    steps_per_epoch = 60_000 // 100
+    schedule = optim.make_schedule(teacher.schedule, base_lr=teacher.optimizer.learning_rate,
+                                   steps_per_epoch=steps_per_epoch, total_steps=teacher.epochs * steps_per_epoch)
+    momentum = optim.momentum_schedule(teacher.optimizer.momentum.to_dict(), steps_per_epoch)
+    for epoch in (0, 250 // scale, 500 // scale, 600 // scale):
+      np.testing.assert_allclose(schedule(epoch * steps_per_epoch), 0.998 ** (epoch * scale), rtol=1e-4)
+      np.testing.assert_allclose(momentum(epoch * steps_per_epoch), _ramp(epoch * scale), rtol=1e-6)
+  default = hinton_mnist.get_config()
+  assert default.data.batch_size == 128 and default.rows.teacher.optimizer.name == "adam"
+  assert default.rows.teacher.max_norm == 3.5 and default.rows.teacher.epochs == 60
+  with pytest.raises(ValueError, match="unknown recipe 'sgd'"):
+    hinton_mnist.get_config("recipe=sgd")
