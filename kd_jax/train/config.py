@@ -63,7 +63,7 @@ PEERS = {"count": 1, "exchange": "none", "every_steps": 1}
 DATA = {"augment": "none", "start_epoch": 0, "labelled_examples": 0, "unlabelled": "keep"}
 INIT = {"from": "", "partial": False}
 OPTIMIZER = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-             "max_norm": 0.0, "freeze": []}
+             "max_norm": 0.0, "freeze": []}  # momentum/nesterov/weight_decay: fillers other optimizers ignore
 SCHEDULE = {"name": "constant", "boundaries": [], "factor": 0.1, "warmup_epochs": 0.0}
 
 
@@ -131,8 +131,9 @@ def row(*, model: str, terms: Mapping[str, Mapping[str, Any]], model_kwargs: Map
       "terms": {k: dict(v) for k, v in terms.items()},
       "teacher": _group("teacher", teacher, TEACHER, "row"),
       "peers": _group("peers", peers, PEERS, "count"),
-      "optimizer": _group("optimizer", optimizer or {}, OPTIMIZER),
-      "schedule": _group("schedule", schedule or {}, SCHEDULE),
+      # Checked by name and signature in validate (kd_jax.train.optim.check): each optimizer takes its own.
+      "optimizer": {**OPTIMIZER, **dict(optimizer or {})},
+      "schedule": {**SCHEDULE, **dict(schedule or {})},
       "data": _group("data", data or {}, DATA),
       "init": _group("init", init or {}, INIT),
       "epochs": epochs, "ensemble_with": list(ensemble_with),
@@ -193,8 +194,17 @@ def _validate_row(config: ml_collections.ConfigDict, name: str) -> None:
 
   r, example, key = config.rows[name], row(model="mlp", terms={"ce": {}}), f"rows.{name}"
   _check_keys(r, example, f"{key}.")
-  for group in ("teacher", "peers", "optimizer", "schedule", "data", "init"):
+  for group in ("teacher", "peers", "data", "init"):
     _check_keys(r[group], example[group], f"{key}.{group}.")
+  from kd_jax.train import optim  # local: optim imports this module
+
+  try:  # by name and signature: a stray option (b1 on sgd) is refused, naming it
+    optim.check(r.optimizer, r.schedule)
+  except ConfigError as e:
+    message = str(e)
+    if not message.startswith(("optimizer.", "schedule.")):  # an unknown name: name the group
+      message = ("optimizer" if "optimizer" in message.split(";")[0] else "schedule") + ".name: " + message
+    raise ConfigError(f"{key}.{message}") from None
   try:
     models.spec(r.model)  # unknown model: error listing the known ones
   except ValueError as e:

@@ -249,14 +249,15 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
     raise ConfigError(f"rows.{name}.teacher.generator needs a teacher (its weights are the generator's input; "
                       "and a term that uses it, e.g. 'kd'), a single peer and no teacher cache")
   student = models.create(row.model, num_classes=dataset.num_classes, **model_kwargs(row))
-  optimizer_options = {k: v for k, v in row.optimizer.items() if k not in ("max_norm", "freeze")}
+  # max_norm is the engine's cap after each update (`constrain`), freeze the optimizer's frozen labels.
+  optimizer_options = {**{k: v for k, v in row.optimizer.items() if k != "freeze"}, "max_norm": 0.0}
   try:
     schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
                                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.schedule: {e}") from None
   try:
-    optimizer = optim.make_optimizer(optimizer_options, schedule)
+    optimizer = optim.make_optimizer(optimizer_options, schedule, steps_per_epoch=steps_per_epoch)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.optimizer: {e}") from None
   frozen = _frozen(row, name, objective, student, dataset)
