@@ -79,11 +79,9 @@ MUTANTS = (
            "optax.multi_transform({\"trained\": optimizer, \"frozen\": optax.set_to_zero()}, labels)",
            "optax.multi_transform({\"trained\": optimizer, \"frozen\": optimizer}, labels)",
            ("tests/test_engine.py",)),
-    Mutant("SGD's weight decay dropped", "kd_jax/train/optim.py",
-           "        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),\n"
-           "        optax.sgd(",
-           "        optax.identity(),\n"
-           "        optax.sgd(",
+    Mutant("weight decay dropped", "kd_jax/train/optim.py",
+           "return optax.chain(optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(), chain)",
+           "return optax.chain(optax.identity(), chain)",
            ("tests/test_engine.py",)),
     # Evaluation.
     Mutant("eval counts the padding", ENGINE,
