@@ -329,7 +329,9 @@ CASES: dict[str, Case] = {
 
 
 def test_every_registered_term_has_a_reference():
-  assert sorted(CASES) == distill.term_names(), "add the new term's reference to CASES"
+  # kd_jax's own terms (other tests register throwaway ones in the same process).
+  ours = [n for n in distill.term_names() if distill.core._TERMS[n].__module__.startswith("kd_jax.")]
+  assert sorted(CASES) == ours, "add the new term's reference to CASES"
 
 
 def _source(term, case):

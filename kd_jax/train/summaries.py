@@ -84,7 +84,8 @@ class Summaries:
       self._writer.add_scalar(str(tag), float(array.reshape(())), global_step=step, walltime=walltime)
 
   def flush(self) -> None:
-    """Writes every queued event to disk (blocks until they are)."""
+    """Asks the background writer to write the queued events (it may finish after this returns; `close`
+    waits for them)."""
     if self._writer is not None:
       self._writer.flush()
 
