@@ -342,3 +342,19 @@ def test_bfloat16_apply_runs_convolutions_in_bf16_with_float32_statistics():
   config.compute_dtype = "float16"
   with pytest.raises(train.ConfigError, match="compute_dtype"):
     train.plan(config, "teacher", data.load("digits"))
+
+
+def test_max_norm_caps_each_units_incoming_weights_through_the_optimizer(tmp_path):
+  """optimizer.max_norm (Hinton et al. 2012's constraint) ends the optimizer chain: after training, every unit's
+  incoming weight vector of the model has norm <= the limit, and without it some exceed it."""
+  norms = {}
+  for limit in (0.0, 0.6):
+    config = tiny_config(epochs=1)
+    config.max_steps = 5
+    config.rows.teacher.optimizer.max_norm = limit
+    train.run(config.copy_and_resolve_references(), str(tmp_path / str(limit)))
+    params = final_variables(str(tmp_path / str(limit)), "teacher")["params"]
+    norms[limit] = [np.linalg.norm(np.asarray(leaf), axis=0).max() for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(params)[0] if path[-1].key == "kernel"]
+  assert max(norms[0.0]) > 0.6
+  assert max(norms[0.6]) <= 0.6 + 1e-5

@@ -64,7 +64,6 @@ class StepSpec:
   source: what the peers learn from besides labels (None: labels only), loaded (`Source.load`).
   param_map: `param_map(params, constants) -> model params` with `param_map.init(model params)` giving
     the trained params (e.g. a hypernetwork's); None: the model's params are trained.
-  constrain: applied to the params after each update (a max-norm cap), or None.
   sequential_peers: peers that share devices run one after another, peers on their own replica groups
     in parallel (vmapped); see `map_peers`.
   compute_dtype: "bfloat16": models compute in bf16 from float32 master params; BatchNorm statistics,
@@ -80,7 +79,6 @@ class StepSpec:
   source: sources_lib.Source | None = None
   param_map: Any = None
   augment: str = "none"
-  constrain: Callable[[Any], Any] | None = None
   peers: int = 1
   sequential_peers: bool = True
   compute_dtype: str = "float32"
@@ -286,8 +284,6 @@ def train_step(spec: StepSpec, state: TrainState, constants, batch) -> tuple[Tra
   loss = loss / spec.peers
   updates, opt_state = spec.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  if spec.constrain is not None:
-    params = spec.constrain(params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   first_bad = (state.nonfinite_step < 0) & ~finite

@@ -37,7 +37,6 @@ from kd_jax.train import distributed
 from kd_jax.train import files
 from kd_jax.train import engine
 from kd_jax.train import mesh as mesh_lib
-from kd_jax.train import optim
 from kd_jax.train import planning as plan_lib
 from kd_jax.train import stages
 from kd_jax.train import summaries as summaries_lib
@@ -141,11 +140,6 @@ def _labelled_split(data: plan_lib.DataView, dataset):
   return dataset, mask
 
 
-def _max_norm(limit: float):
-  """A cap on the L2 norm of each unit's incoming weights of the model, after each update."""
-  return lambda params: {**params, "student": optim.max_norm(params["student"], limit, stacked=True)}
-
-
 @dataclasses.dataclass
 class _Row:
   """A row in training: its plan, step, data, state's placement, files and history so far."""
@@ -200,8 +194,7 @@ def step_spec(plan: plan_lib.RowPlan, source, param_map, mesh) -> engine.StepSpe
   """The train step's static description for the planned row and its loaded source."""
   return engine.StepSpec(
       student=plan.student, objective=plan.objective, optimizer=plan.optimizer, schedule=plan.schedule,
-      normalize=plan.normalize, source=source, param_map=param_map, augment=plan.data.augment,
-      constrain=_max_norm(plan.max_norm) if plan.max_norm and param_map is None else None, peers=plan.peers,
+      normalize=plan.normalize, source=source, param_map=param_map, augment=plan.data.augment, peers=plan.peers,
       sequential_peers=mesh.shape["replica"] == 1, compute_dtype=plan.compute_dtype, rewrites=plan.rewrites)
 
 

@@ -86,7 +86,6 @@ class RowPlan:
   input_dtype: np.dtype
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
-  max_norm: float
   peers: int
   epochs: int
   steps_per_epoch: int
@@ -249,15 +248,19 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
     raise ConfigError(f"rows.{name}.teacher.generator needs a teacher (its weights are the generator's input; "
                       "and a term that uses it, e.g. 'kd'), a single peer and no teacher cache")
   student = models.create(row.model, num_classes=dataset.num_classes, **model_kwargs(row))
-  # max_norm is the engine's cap after each update (`constrain`), freeze the optimizer's frozen labels.
-  optimizer_options = {**{k: v for k, v in row.optimizer.items() if k != "freeze"}, "max_norm": 0.0}
+  if row.optimizer.max_norm and generator:
+    raise ConfigError(f"rows.{name}.optimizer.max_norm caps the model's params, but with teacher.generator the "
+                      "trained params are the generator's: set one of them")
+  # max_norm: a projection at the end of the chain, on the model's kernels (peer axis first); freeze: labels.
+  optimizer_options = {k: v for k, v in row.optimizer.items() if k != "freeze"}
   try:
     schedule = optim.make_schedule(row.schedule, base_lr=row.optimizer.learning_rate,
                                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.schedule: {e}") from None
   try:
-    optimizer = optim.make_optimizer(optimizer_options, schedule, steps_per_epoch=steps_per_epoch)
+    optimizer = optim.make_optimizer(optimizer_options, schedule, steps_per_epoch=steps_per_epoch, batch_dims=1,
+                                     max_norm_under=("student",))
   except (ValueError, TypeError) as e:
     raise ConfigError(f"rows.{name}.optimizer: {e}") from None
   frozen = _frozen(row, name, objective, student, dataset)
@@ -273,7 +276,7 @@ def plan(config, name: str, dataset: data_lib.Dataset, *, workdir: str = "",
                     seed=config.seed, offset=row.data.start_epoch * steps_per_epoch,
                     labelled=count, unlabelled=row.data.unlabelled, augment=row.data.augment),
       normalize=normalizer(dataset), input_dtype=input_dtype(dataset), schedule=schedule,
-      optimizer=with_frozen(optimizer, frozen), max_norm=row.optimizer.max_norm,
+      optimizer=with_frozen(optimizer, frozen),
       peers=row.peers.count, epochs=epochs, steps_per_epoch=steps_per_epoch,
       stop_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
       compute_dtype=config.compute_dtype, rewrites=backend.ConvRewrites.default(),
