@@ -425,7 +425,7 @@ class LoopSetup:
 
 
 class _LoopTimer:
-  """Wraps `engine.make_train_step` so that the loop's own train step marks the timed window.
+  """Wraps the loop's own train step (`train.run(..., wrap_step=timer.wrap)`) to mark the timed window.
 
   The window runs from call `warmup` (the state before it synchronised) to the end of call
   `warmup + steps` (its outputs synchronised): the only two syncs added to the loop, so every
@@ -441,28 +441,24 @@ class _LoopTimer:
     self.start = self.end = None
     self.compiles = None
 
-  def wrap(self, make):
+  def wrap(self, fn):
+    """The loop's compiled train step `fn`, timing calls warmup .. warmup + steps."""
     import jax
 
-    def made(*args, **kwargs):
-      fn = make(*args, **kwargs)
+    def call(state, *rest):
+      if self.calls == self.warmup:
+        jax.block_until_ready(state)
+        self.counter.reset()
+        self.start = time.perf_counter()
+      out = fn(state, *rest)
+      self.calls += 1
+      if self.calls == self.warmup + self.steps:
+        jax.block_until_ready(out)
+        self.end = time.perf_counter()
+        self.compiles = self.counter.reset()[0]
+      return out
 
-      def call(state, *rest):
-        if self.calls == self.warmup:
-          jax.block_until_ready(state)
-          self.counter.reset()
-          self.start = time.perf_counter()
-        out = fn(state, *rest)
-        self.calls += 1
-        if self.calls == self.warmup + self.steps:
-          jax.block_until_ready(out)
-          self.end = time.perf_counter()
-          self.compiles = self.counter.reset()[0]
-        return out
-
-      return call
-
-    return made
+    return call
 
 
 LOOP_DATASET = "benchmark_random"  # registered with kd_jax.data by the worker: the dataset of the case it runs
@@ -483,7 +479,6 @@ def run_jax_loop(case: Case, settings: Settings) -> dict[str, Any]:
   """
   import jax
   from kd_jax import data as data_lib
-  from kd_jax.train import loop as loop_lib
 
   if not jax.config.jax_compilation_cache_dir:  # before this worker's first compilation
     import atexit
@@ -506,15 +501,12 @@ def run_jax_loop(case: Case, settings: Settings) -> dict[str, Any]:
     data_lib.register(LOOP_DATASET, lambda directory: _LOOP_DATA["dataset"])
   _LOOP_DATA["dataset"] = dataset
   timer = _LoopTimer(counter)
-  make_train_step = loop_lib.engine.make_train_step
-  loop_lib.engine.make_train_step = timer.wrap(make_train_step)
   try:
     # (log_every_steps, checkpoint_every_steps) of each mode; "off": both past the run's last step.
     # "log": metrics every step without checkpoints, to tell the two costs apart.
     modes = {"on": (1, every), "log": (1, total + 1), "off": (total + 1, total + 1)}
     loops, compiles, written = _loop_runs(setup, settings, timer, warmup, total, modes)
   finally:
-    loop_lib.engine.make_train_step = make_train_step
     counter.close()
   on, log, off = (_timing(loops[m], case.images_per_step) for m in ("on", "log", "off"))
   steps_per_s = lambda t: round(1e3 / t["ms_per_step"], 2)
@@ -602,7 +594,7 @@ def _loop_runs(setup: LoopSetup, settings: Settings, timer: _LoopTimer, warmup: 
         config.rows.bench = train.row(**setup.row, teacher=teacher_dir)
         timer.arm(warmup, settings.steps)
         workdir = os.path.join(tmp, f"{mode}_{r}")
-        train.run(config, workdir)
+        train.run(config, workdir, wrap_step=timer.wrap)
         if timer.end is None:
           raise RuntimeError(f"the train loop ran {timer.calls} steps, fewer than the {total} asked")
         loops[mode].append((timer.end - timer.start) / settings.steps)

@@ -242,14 +242,16 @@ def _batches(row: _Row, start: int):
       for step in range(start, plan.stop_step)), 2)
 
 
-def fit(row: _Row, state: engine.TrainState) -> engine.TrainState:
+def fit(row: _Row, state: engine.TrainState, wrap_step=None) -> engine.TrainState:
   """The step loop: train, log, evaluate each epoch, checkpoint (by steps and by wall time), and on
-  SIGTERM / Ctrl-C checkpoint the current step and exit (`Preempted`)."""
+  SIGTERM / Ctrl-C checkpoint the current step and exit (`Preempted`). `wrap_step(step) -> step` wraps the
+  compiled train step (to time or profile it)."""
   plan, options = row.plan, row.plan.options
   start = int(jax.device_get(state.step))
   if start:
     log.info("row %s: resuming at step %d of %d", plan.name, start, plan.stop_step)
   train_step = engine.make_train_step(row.spec, row.mesh, row.state_sharding)
+  train_step = wrap_step(train_step) if wrap_step is not None else train_step
   metrics_log = _MetricsLog(row.row_dir, resume_step=start,
                             images_per_step=row.spec.streams * plan.data.batch_size)
   started = last_save = time.time()
@@ -341,7 +343,8 @@ def _finish(row: _Row, state: engine.TrainState) -> dict[str, Any]:
   }
 
 
-def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: str) -> dict[str, Any]:
+def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: str, *,
+              wrap_step=None) -> dict[str, Any]:
   """Trains the planned row (resuming if interrupted; a finished row is read back); returns its result."""
   row_dir = f"{workdir.rstrip('/')}/{plan.name}"
   files.makedirs(row_dir)
@@ -355,7 +358,7 @@ def train_row(plan: plan_lib.RowPlan, dataset: data_lib.Dataset, mesh, workdir: 
     result = _evaluate_published(plan, dataset, mesh)
   else:
     row, state = _start(plan, dataset, mesh, row_dir)
-    state = fit(row, state)
+    state = fit(row, state, wrap_step)
     result = _finish(row, state)
   files.write_json(result_path, result)
   return result
@@ -375,9 +378,9 @@ def _evaluate_published(plan: plan_lib.RowPlan, dataset, mesh) -> dict[str, Any]
           "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "fingerprint": plan.fingerprint}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, wrap_step=None) -> dict[str, dict[str, Any]]:
   """Trains every row of `config` under `workdir`; returns {row: result}. Every row is planned (its config
-  checked) before the first trains."""
+  checked) before the first trains. `wrap_step`: see `fit` (the benchmark times the loop with it)."""
   config = config_lib.validate(config)
   files.makedirs(workdir)
   dataset = data_lib.load(config.data.name, directory=config.data.dir or None)
@@ -385,7 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
   plans = plan_lib.check(config, dataset, workdir=workdir, mesh_shape=(mesh.shape["replica"], mesh.shape["data"]))
   results = {}
   for name, plan in plans.items():
-    results[name] = train_row(plan, dataset, mesh, workdir)
+    results[name] = train_row(plan, dataset, mesh, workdir, wrap_step=wrap_step)
     log.info("row %s: %s", name, {k: v for k, v in results[name].items() if k != "history"})
   files.write_json(f"{workdir.rstrip('/')}/results.json", results)
   return results
