@@ -26,7 +26,9 @@ def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path)
   flags = [f for f in os.environ["XLA_FLAGS"].split() if "xla_force_host_platform_device_count" not in f]
   env = {"XLA_FLAGS": " ".join(flags + ["--xla_force_host_platform_device_count=4"])}
   path = os.path.join(REPO, "tests", "configs", f"{config_name}.py")
-  flags = [f"--config={path}", "--config.epochs=1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  # An eval batch (100) that neither the 8 devices nor the 360 test examples divide: padded and masked.
+  flags = [f"--config={path}", "--config.epochs=1", "--config.data.eval_batch_size=100",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
   procs = [launch(workdir, *flags, f"--process_id={i}", env=env) for i in range(2)]
   for proc in procs:
     assert proc.wait() == 0, proc.output()[-3000:]
@@ -34,6 +36,7 @@ def test_two_processes_of_four_devices_match_one_of_eight(config_name, tmp_path)
   module = {"tiny_digits": tiny_digits, "tiny_online": tiny_online, "tiny_crd": tiny_crd}[config_name]
   config = module.get_config()
   config.epochs = 1
+  config.data.eval_batch_size = 360  # one unpadded batch on one process: the reference count
   results = train.run(config, single)
   for row in results:
     multi = read_jsonl(os.path.join(workdir, row, "metrics.jsonl"))
