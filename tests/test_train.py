@@ -5,11 +5,13 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kd_jax import data, models, train
 from kd_jax.train import checkpoint, loop
+from kd_jax.train import mesh as mesh_lib
 from experiments.configs import select_rows
 
 
@@ -358,3 +360,23 @@ def test_max_norm_caps_each_units_incoming_weights_through_the_optimizer(tmp_pat
                     jax.tree_util.tree_flatten_with_path(params)[0] if path[-1].key == "kernel"]
   assert max(norms[0.0]) > 0.6
   assert max(norms[0.6]) <= 0.6 + 1e-5
+
+
+def test_a_bfloat16_run_casts_the_teachers_params_once_at_load(reference_run, tmp_path):
+  """compute_dtype=bfloat16: the teacher's params reach the step already in bf16 (its BatchNorm statistics and
+  the student's master params stay float32), and the row trains."""
+  from kd_jax.train import stages
+
+  workdir, _ = reference_run
+  config = tiny_config()
+  config.compute_dtype = "bfloat16"
+  config.max_steps = 3
+  config.rows.student_kd.teacher.row = os.path.join(workdir, "teacher", "final")
+  digits = data.load("digits")
+  plan = train.plan(config, "student_kd", digits)
+  mesh = mesh_lib.make_mesh(replica=1, data=8)
+  _, _, constants = stages.load_source(plan, digits, mesh)
+  assert {leaf.dtype for leaf in jax.tree.leaves(constants["params"])} == {jnp.dtype(jnp.bfloat16)}
+  select_rows(config, "student_kd")
+  result = train.run(config, str(tmp_path))["student_kd"]
+  assert np.isfinite(result["test_loss"]) and result["steps"] == 3

@@ -99,7 +99,8 @@ def _variables(params, batch_stats):
   return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
 
-def _cast_floats(tree, dtype):
+def cast_floats(tree, dtype):
+  """The floating leaves of `tree` in `dtype` (others unchanged)."""
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
@@ -123,12 +124,12 @@ def apply_model(model: nn.Module, variables, x, *, compute_dtype: str = "float32
   apply = _rewritten(model.apply, rewrites)
   if dtype == jnp.float32:
     return apply(variables, x, **kwargs)
-  variables = {**variables, "params": _cast_floats(variables["params"], dtype)}
-  out = apply(variables, _cast_floats(x, dtype), **kwargs)
+  variables = {**variables, "params": cast_floats(variables["params"], dtype)}
+  out = apply(variables, cast_floats(x, dtype), **kwargs)
   if kwargs.get("mutable"):
     (outputs, updates) = out
-    return _cast_floats(outputs, jnp.float32), updates
-  return _cast_floats(out, jnp.float32)
+    return cast_floats(outputs, jnp.float32), updates
+  return cast_floats(out, jnp.float32)
 
 
 def model_params(spec: StepSpec, params, constants):

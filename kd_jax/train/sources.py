@@ -83,7 +83,8 @@ class Source:
 
   def load(self, context: Mapping[str, Any]) -> tuple["Source", Any]:
     """(this source ready to trace, its constants); `context` has "teacher" (module, variables) when the
-    row names a teacher, and "cache_logits(module, variables)" (its logits on the train set)."""
+    row names a teacher, "cache_logits(module, variables)" (its logits on the train set) and "cast(variables)"
+    (the teacher's params in the compute dtype)."""
     del context
     return self, {}
 
@@ -125,7 +126,7 @@ class Teacher(Source):
 
   def load(self, context):
     module, variables = context["teacher"]
-    return dataclasses.replace(self, module=module), variables
+    return dataclasses.replace(self, module=module), context.get("cast", lambda v: v)(variables)
 
   def init_outputs(self, constants, images, logits, features, forward):
     del logits, features

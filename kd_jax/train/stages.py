@@ -75,10 +75,14 @@ def load_source(plan: RowPlan, dataset, mesh):
     return source, None, constants
   module, variables = load_teacher(plan.teacher, dataset, row_name=plan.name)
   variables = jax.device_put(variables, mesh_lib.replicated(mesh))
+  dtype = engine.COMPUTE_DTYPES[plan.compute_dtype]
   context = {
       "teacher": (module, variables),
       "cache_logits": lambda m, v: teacher_cache(m, v, dataset, plan.normalize, mesh, plan.data.eval_batch_size,
-                                                 row_name=plan.name, rewrites=plan.rewrites)}
+                                                 row_name=plan.name, rewrites=plan.rewrites),
+      # The teacher's params in the compute dtype once, not in every step (a generator reads them in float32).
+      "cast": (lambda v: v) if plan.generator_pattern or dtype == jnp.float32 else (
+          lambda v: {**v, "params": engine.cast_floats(v["params"], dtype)})}
   source, constants = plan.source.load(context)
   param_map = None
   if plan.generator_pattern:
