@@ -143,3 +143,17 @@ def test_shipped_config_by_short_name(capsys):
   lines = capsys.readouterr().err.splitlines()
   assert lines[0].startswith("error: no shipped config 'digits_dem' (did you mean 'digits_demo'?)")
   assert lines[1] == "error: unknown command 'trian'; use one of train, reproduce, search, benchmark, configs"
+
+
+def test_shipped_configs_import_nothing_outside_kd_jax():
+  """Installed, the configs travel as kd_jax.experiments.configs and the top-level `experiments` is absent:
+  a config that imports it loads only from a checkout."""
+  import ast
+  import glob
+
+  for path in glob.glob(os.path.join(REPO, "experiments", "configs", "*.py")):
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in modules if m.split(".")[0] in ("experiments", "third_party", "tests")], path

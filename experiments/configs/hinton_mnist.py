@@ -37,7 +37,7 @@ see unjittered inputs.
   python -m experiments.main --config=experiments/configs/hinton_mnist.py:recipe=dropout_x10,teacher \
       --workdir=/tmp/hinton_dropout_x10
 """
-from experiments.configs import mnist_table
+from kd_jax.train.tables import mnist_table
 from kd_jax.train import row
 
 RECIPES = ("adam", "dropout", "dropout_x10")
