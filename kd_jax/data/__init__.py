@@ -86,15 +86,16 @@ class Dataset:
   def test_batches(self, batch_size: int, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-size eval batches, the last zero-padded: rows `rows` of each global batch.
 
-    {"image": uint8 [R, H, W, C], "label": int32 [R], "mask": float32 [R] (0 on padding)}.
+    {"image": the inputs' dtype [R, ...] (uint8 [R, H, W, C] for images), "label": int32 [R, ...],
+    "mask": float32 [R] (0 on padding)}; inputs and labels of any rank (token sequences, tabular features).
     """
     n = self.test_images.shape[0]
     for start in range(0, n, batch_size):
       positions = np.arange(start, start + batch_size)[rows]
       valid = positions < n
       safe = np.where(valid, positions, 0)
-      yield {"image": np.where(valid[:, None, None, None], self.test_images[safe], 0).astype(np.uint8),
-             "label": np.where(valid, self.test_labels[safe], 0).astype(np.int32),
+      pad = lambda x: np.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x[safe], 0).astype(x.dtype)
+      yield {"image": pad(self.test_images), "label": pad(self.test_labels).astype(np.int32),
              "mask": valid.astype(np.float32)}
 
 

@@ -14,7 +14,7 @@ drawn from `split_seed`, is held out.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -49,18 +49,6 @@ class ArrayDataset(Dataset):
   def input_dtype(self) -> np.dtype:
     """What the engine reads: uint8 inputs are normalised (and may be augmented) on device, others not."""
     return self.train_images.dtype
-
-  def test_batches(self, batch_size: int, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
-    """As `Dataset.test_batches`, for inputs of any rank."""
-    n = self.test_images.shape[0]
-    for start in range(0, n, batch_size):
-      positions = np.arange(start, start + batch_size)[rows]
-      valid = positions < n
-      safe = np.where(valid, positions, 0)
-      keep = valid.reshape((-1,) + (1,) * (self.test_images.ndim - 1))
-      yield {"image": np.where(keep, self.test_images[safe], 0).astype(self.test_images.dtype),
-             "label": np.where(valid, self.test_labels[safe], 0).astype(np.int32),
-             "mask": valid.astype(np.float32)}
 
 
 def _is_images(x: np.ndarray) -> bool:

@@ -16,7 +16,7 @@ registered `reverse`); train and test are drawn independently.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,17 +47,6 @@ class TokenDataset(Dataset):
       for what, values in (("inputs", inputs), ("labels", labels)):
         if values.size and (values.min() < 0 or values.max() >= self.num_classes):
           raise ValueError(f"{self.name}: {split} {what} outside the vocabulary [0, {self.num_classes})")
-
-  def test_batches(self, batch_size: int, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
-    """As `Dataset.test_batches`: {"image": int32 [R, 2, T], "label": int32 [R, T], "mask": float32 [R]}."""
-    n = self.test_images.shape[0]
-    for start in range(0, n, batch_size):
-      positions = np.arange(start, start + batch_size)[rows]
-      valid = positions < n
-      safe = np.where(valid, positions, 0)
-      yield {"image": np.where(valid[:, None, None], self.test_images[safe], 0).astype(np.int32),
-             "label": np.where(valid[:, None], self.test_labels[safe], 0).astype(np.int32),
-             "mask": valid.astype(np.float32)}
 
 
 def _examples(rng: np.random.Generator, n: int, length: int, vocab: int, task: str):
