@@ -206,6 +206,10 @@ class _ConnectedPairs(Term):
   def loss(self, connected, teacher_feature):
     raise NotImplementedError
 
+  def pair_loss(self, i: int, connected, teacher_feature):
+    """Pair i's loss; the same `loss` for every pair unless a term weights its pairs (AB)."""
+    return self.loss(connected, teacher_feature)
+
   def _features(self, student, teacher, s_name, t_name):
     return (feature(student, s_name, who="student"),
             jax.lax.stop_gradient(feature(teacher, t_name, who="teacher")))
@@ -223,7 +227,7 @@ class _ConnectedPairs(Term):
       s, t = self._features(student, teacher, s_name, t_name)
       out, new_state[f"pair{i}"] = apply_connector(self.connector(s, t), params[f"pair{i}"],
                                                    state.get(f"pair{i}", {}), s)
-      total = total + self.loss(out, t)
+      total = total + self.pair_loss(i, out, t)
     return total, new_state
 
 
@@ -272,14 +276,8 @@ class ActivationBoundaries(_ConnectedPairs):
   def connector(self, s, t):
     return connectors.ABConnector(out_channels=t.shape[-1], out_hw=tuple(t.shape[1:3]))
 
-  def __call__(self, student, teacher, batch, params, state, *, step):
-    total, new_state = 0.0, {}
-    for i, (s_name, t_name) in enumerate(self.pairs):
-      s, t = self._features(student, teacher, s_name, t_name)
-      out, new_state[f"pair{i}"] = apply_connector(self.connector(s, t), params[f"pair{i}"],
-                                                   state.get(f"pair{i}", {}), s)
-      total = total + self.stage_weights[i] * losses.activation_boundary_loss(out, t, margin=self.margin)
-    return total, new_state
+  def pair_loss(self, i, connected, t):
+    return self.stage_weights[i] * losses.activation_boundary_loss(connected, t, margin=self.margin)
 
 
 @register_term("nst")

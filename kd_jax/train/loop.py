@@ -242,6 +242,23 @@ def _batches(row: _Row, start: int):
       for step in range(start, plan.stop_step)), 2)
 
 
+def _progress(plan: plan_lib.RowPlan, start: int):
+  """The row's progress bar (process 0, when `progress` is on)."""
+  return tqdm.tqdm(total=plan.stop_step, initial=start, desc=plan.name, unit="step", dynamic_ncols=True,
+                   leave=False, disable=not plan.options.progress or jax.process_index() != 0,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
+def _preempt(row: _Row, state, done: int, started: float, signum) -> None:
+  """Checkpoints step `done` and exits: 130 after Ctrl-C, 143 after SIGTERM (or another host's signal)."""
+  row.check_finite(state)
+  row.save(state, done, started)
+  row.checkpointer.close()
+  name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+  log.warning("row %s: %s received; checkpointed step %d, exiting", row.plan.name, name, done)
+  raise Preempted(done, 130 if signum == signal.SIGINT else 143)
+
+
 def fit(row: _Row, state: engine.TrainState, wrap_step=None) -> engine.TrainState:
   """The step loop: train, log, evaluate each epoch, checkpoint (by steps and by wall time), and on
   SIGTERM / Ctrl-C checkpoint the current step and exit (`Preempted`). `wrap_step(step) -> step` wraps the
@@ -256,10 +273,7 @@ def fit(row: _Row, state: engine.TrainState, wrap_step=None) -> engine.TrainStat
                             images_per_step=row.spec.streams * plan.data.batch_size)
   started = last_save = time.time()
   pending: list = []  # (step, device metrics): read one interval later, so the host never waits on the step
-  every = options.log_every_steps
-  bar = tqdm.tqdm(total=plan.stop_step, initial=start, desc=plan.name, unit="step", dynamic_ncols=True,
-                  leave=False, disable=not options.progress or jax.process_index() != 0,
-                  mininterval=0.1 if sys.stderr.isatty() else 10.0)
+  bar = _progress(plan, start)
 
   def drain():
     for step, device_metrics in pending:
@@ -278,7 +292,7 @@ def fit(row: _Row, state: engine.TrainState, wrap_step=None) -> engine.TrainStat
       dispatched(metrics)
       done = step + 1
       bar.update(1)
-      if done % every == 0 or done == plan.stop_step:
+      if done % options.log_every_steps == 0 or done == plan.stop_step:
         drain()
         pending.append((done, metrics))
       if done % plan.steps_per_epoch == 0:
@@ -289,12 +303,7 @@ def fit(row: _Row, state: engine.TrainState, wrap_step=None) -> engine.TrainStat
         metrics_log.write({"step": done, "split": "test", "epoch": done // plan.steps_per_epoch, **test})
       if _agreed_stop(stop, done, plan.stop_step):
         drain()
-        row.check_finite(state)
-        row.save(state, done, started)
-        row.checkpointer.close()
-        name = "Ctrl-C (SIGINT)" if stop["signal"] == signal.SIGINT else "SIGTERM"
-        log.warning("row %s: %s received; checkpointed step %d, exiting", plan.name, name, done)
-        raise Preempted(done, 130 if stop["signal"] == signal.SIGINT else 143)
+        _preempt(row, state, done, started, stop["signal"])
       by_time = time.time() - last_save >= options.checkpoint_every_seconds
       if (done % options.checkpoint_every_steps == 0 or by_time) and done < plan.stop_step:
         row.check_finite(state)
